@@ -1,0 +1,1 @@
+"""Dagster assets: thin wrappers over cvops_dagster functions."""

@@ -1,0 +1,57 @@
+"""raw_images: one landing-zone batch copied into content-addressed storage."""
+
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from assets.metadata import json_value, table
+from assets.partitions import image_batches
+from cvops_dagster.ingestion import ingest_batch
+from resources.storage import ArtifactStore, ImageSource
+
+
+@asset(
+    partitions_def=image_batches,
+    group_name="ingestion",
+    kinds={"python", "parquet"},
+    code_version="1",
+    check_specs=[
+        AssetCheckSpec(
+            "check_raw_images_not_empty",
+            asset="raw_images",
+            description="The batch yielded at least one file for cleaning.",
+        )
+    ],
+    description="A landing-zone batch, copied to images/<sha256>.<ext> with a Parquet manifest; "
+    "rejected entries are recorded with their reason, never copied.",
+)
+def raw_images(
+    context: AssetExecutionContext, image_source: ImageSource, artifact_store: ArtifactStore
+) -> MaterializeResult:
+    result = ingest_batch(image_source.landing(), artifact_store.storage, context.partition_key)
+    summary = result.summary()
+    context.log.info(f"batch {result.batch_id}: {result.files} files, {result.rejected} rejected")
+    return MaterializeResult(
+        metadata={
+            "files": result.files,
+            "bytes": result.bytes_ingested,
+            "rejected": result.rejected,
+            "rejected_reasons": json_value(summary["rejected_reasons"]),
+            "labels": json_value(summary["labels"]),
+            "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
+            "preview": table(result.manifest[["path", "label", "status", "reason", "size_bytes", "sample_id"]]),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name="check_raw_images_not_empty",
+                passed=result.files > 0,
+                metadata={"files": result.files, "rejected": result.rejected},
+            )
+        ],
+    )

@@ -1,0 +1,175 @@
+"""Artifact storage over fsspec: one API for a local folder and ``s3://bucket/prefix``.
+
+Every artifact this system writes goes through :class:`ArtifactStorage`, so a local run and an
+S3-backed deployment behave the same. Writes are atomic: a reader never sees a half-written
+artifact, and an exception during a write leaves nothing at the final key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``: the content address used for every artifact."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_protocol(root: str) -> tuple[str, str]:
+    if "://" in root:
+        protocol, rest = root.split("://", 1)
+        return protocol, rest.rstrip("/")
+    return "file", str(Path(root).expanduser().resolve())
+
+
+@dataclass
+class ArtifactStorage:
+    """Keyed byte storage rooted at a local folder or an fsspec URL.
+
+    Keys are POSIX relative paths (``images/<sha>.png``); they may not be absolute or contain
+    ``..`` so a key can never address anything outside the root.
+
+    Args:
+        root: a folder path or URL such as ``s3://bucket/prefix``.
+        endpoint_url: S3-compatible endpoint (MinIO, a test server); ``None`` means AWS.
+        storage_options: extra fsspec options (credentials come from the environment).
+    """
+
+    root: str
+    endpoint_url: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.protocol, self._base = split_protocol(self.root)
+        options = dict(self.storage_options)
+        if self.protocol == "s3":
+            if self.endpoint_url:
+                options.setdefault("endpoint_url", self.endpoint_url)
+            # Caching listings would hide objects written by other processes (sensors, workers).
+            options.setdefault("use_listings_cache", False)
+            options.setdefault("skip_instance_cache", True)
+        self.fs = fsspec.filesystem(self.protocol, **options)
+        if self.is_local:
+            Path(self._base).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def _path(self, key: str) -> str:
+        key = key.strip("/")
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"invalid artifact key {key!r}")
+        return f"{self._base}/{key}"
+
+    def uri(self, key: str) -> str:
+        """The full location of ``key``, as users and metadata show it."""
+        path = self._path(key)
+        return path if self.is_local else f"{self.protocol}://{path}"
+
+    def local_path(self, key: str) -> Path | None:
+        """The file path of ``key`` when storage is local, else ``None``."""
+        return Path(self._path(key)) if self.is_local else None
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.fs.open(self._path(key), "rb") as f:
+            return f.read()
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (recursively), sorted, relative to the root."""
+        base = self._base if not prefix.strip("/") else self._path(prefix)
+        if not self.fs.exists(base):
+            return []
+        found = self.fs.find(base)
+        base_no_proto = self._base.rstrip("/") + "/"
+        keys = []
+        for path in found:
+            path = str(path)
+            if "://" in path:
+                path = path.split("://", 1)[1]
+            if path.startswith(base_no_proto):
+                key = path[len(base_no_proto):]
+                if "/.tmp-" not in f"/{key}" and not key.split("/")[-1].startswith(".tmp-"):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    @contextmanager
+    def open_write(self, key: str) -> Iterator[io.BufferedIOBase]:
+        """Open ``key`` for writing; the object appears only if the block finishes.
+
+        Local: a temporary file in the same folder, fsynced and renamed over the key.
+        Object stores: the bytes are buffered and uploaded in one PUT after the block,
+        so an exception inside the block never commits a partial object.
+        """
+        path = self._path(key)
+        if self.is_local:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f  # type: ignore[misc]
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        else:
+            buffer = io.BytesIO()
+            yield buffer
+            self.fs.pipe_file(path, buffer.getvalue())
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Atomically write ``data`` at ``key`` and return its URI."""
+        with self.open_write(key) as f:
+            f.write(data)
+        return self.uri(key)
+
+    def write_content_addressed(self, prefix: str, data: bytes, ext: str) -> tuple[str, str]:
+        """Store ``data`` once under ``<prefix>/<sha256>.<ext>``; return (sha256, key)."""
+        digest = sha256_bytes(data)
+        key = f"{prefix.strip('/')}/{digest}.{ext.lstrip('.').lower()}" if ext else f"{prefix}/{digest}"
+        if not self.exists(key):
+            self.write_bytes(key, data)
+        return digest, key
+
+    def write_json(self, key: str, obj: Any) -> str:
+        return self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_parquet(self, key: str, frame: Any) -> str:
+        """Write a pandas DataFrame as Parquet, atomically."""
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return self.write_bytes(key, buffer.getvalue())
+
+    def read_parquet(self, key: str) -> Any:
+        import pandas as pd
+
+        return pd.read_parquet(io.BytesIO(self.read_bytes(key)))

@@ -1,0 +1,1 @@
+"""Dagster resources: the one place environment variables are bound."""
