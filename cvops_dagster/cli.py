@@ -163,8 +163,11 @@ def run_lifecycle(select: str | None = None, echo: Callable[[str], None] = print
     from dagster import AssetKey, AssetSelection
 
     graph = defs.resolve_asset_graph()
-    selection = AssetSelection.from_string(select) if select else AssetSelection.all()
-    keys = selection.resolve(graph)
+    try:
+        selection = AssetSelection.from_string(select) if select else AssetSelection.all()
+        keys = selection.resolve(graph)
+    except Exception as exc:  # noqa: BLE001 - Dagster raises several types for a bad selection
+        raise CvopsError(f"invalid selection {select!r}: {str(exc).splitlines()[0]}") from exc
     if not keys:
         raise CvopsError(f"selection {select!r} matches no asset")
     raw_key = AssetKey("raw_images")

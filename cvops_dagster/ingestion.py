@@ -96,7 +96,10 @@ def _previous_times(storage: ArtifactStorage, key: str) -> dict[tuple[str, str |
     except Exception:  # noqa: BLE001 - a corrupt old manifest is simply replaced
         logger.warning("previous manifest %s unreadable; rewriting", key)
         return {}
-    return {(r.record_id, r.sample_id): r.ingested_at for r in old.itertuples()}
+    return {
+        (r.record_id, r.sample_id if isinstance(r.sample_id, str) else None): r.ingested_at
+        for r in old.itertuples()
+    }
 
 
 def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) -> IngestResult:

@@ -84,7 +84,7 @@ def _empty_folder(rel: str) -> BatchEntry:
 
 def printable_name(name: str) -> str:
     """A storable rendering of a name that may hold undecodable bytes."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def classify(rel: str, *, is_link: bool, is_regular: bool, size: int | None) -> BatchEntry:

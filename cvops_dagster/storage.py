@@ -71,9 +71,8 @@ class ArtifactStorage:
         return self.protocol == "file"
 
     def _path(self, key: str) -> str:
-        key = key.strip("/")
         parts = key.split("/")
-        if not key or any(p in ("", ".", "..") for p in parts):
+        if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"invalid artifact key {key!r}")
         return f"{self._base}/{key}"
 
@@ -95,7 +94,7 @@ class ArtifactStorage:
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` (recursively), sorted, relative to the root."""
-        base = self._base if not prefix.strip("/") else self._path(prefix)
+        base = self._base if not prefix.strip("/") else self._path(prefix.strip("/"))
         if not self.fs.exists(base):
             return []
         found = self.fs.find(base)

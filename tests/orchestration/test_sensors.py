@@ -1,0 +1,64 @@
+"""image_batches_sensor: new complete batches become partitions and runs, once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dagster import SensorResult, SkipReason, build_sensor_context, instance_for_test
+
+from resources.storage import ImageSource
+from sensors.batches import image_batches_sensor
+
+
+def make_batch(root: Path, batch: str, ready: bool = True, files: int = 2) -> None:
+    folder = root / batch / "cat"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (folder / f"{i}.png").write_bytes(b"fake-bytes-%d" % i)
+    if ready:
+        (root / batch / "_READY").write_text("")
+
+
+def tick(instance, landing: Path, cursor: str | None):  # noqa: ANN001, ANN201
+    context = build_sensor_context(
+        instance=instance, cursor=cursor, resources={"image_source": ImageSource(root=str(landing))}
+    )
+    return image_batches_sensor(context)
+
+
+def test_new_batch_then_nothing_then_incomplete(tmp_path: Path) -> None:
+    make_batch(tmp_path, "b1")
+    with instance_for_test() as instance:
+        first = tick(instance, tmp_path, None)
+        assert isinstance(first, SensorResult)
+        assert [r.partition_key for r in first.run_requests] == ["b1"]
+        assert first.run_requests[0].run_key.startswith("b1:")
+        assert [r.partition_keys for r in first.dynamic_partitions_requests] == [["b1"]]
+        assert set(json.loads(first.cursor)) == {"b1"}
+
+        # The daemon applies partition requests; do the same before the next tick.
+        instance.add_dynamic_partitions("image_batches", ["b1"])
+        second = tick(instance, tmp_path, first.cursor)
+        assert isinstance(second, SkipReason)
+
+        make_batch(tmp_path, "b2", ready=False)
+        third = tick(instance, tmp_path, first.cursor)
+        assert isinstance(third, SkipReason)
+
+        (tmp_path / "b2" / "_READY").write_text("")
+        fourth = tick(instance, tmp_path, first.cursor)
+        assert [r.partition_key for r in fourth.run_requests] == ["b2"]
+        assert [r.partition_keys for r in fourth.dynamic_partitions_requests] == [["b2"]]
+
+
+def test_changed_batch_is_requested_again_without_new_partition(tmp_path: Path) -> None:
+    make_batch(tmp_path, "b1")
+    with instance_for_test() as instance:
+        first = tick(instance, tmp_path, None)
+        instance.add_dynamic_partitions("image_batches", ["b1"])
+        make_batch(tmp_path, "b1", files=3)  # a late file lands in a complete batch
+        again = tick(instance, tmp_path, first.cursor)
+        assert [r.partition_key for r in again.run_requests] == ["b1"]
+        assert again.run_requests[0].run_key != first.run_requests[0].run_key
+        assert again.dynamic_partitions_requests == []

@@ -1,0 +1,72 @@
+"""The `cvops` command line end to end, as a user runs it, in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cvops_dagster.cli import build_parser
+
+
+def cvops(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "cvops_dagster.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"cvops {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_help_lists_the_contract_commands() -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"seed", "run", "status", "demo", "ui"} <= set(commands)
+
+
+def test_run_without_batches_fails_clearly(tmp_path: Path) -> None:
+    result = cvops("run", "--select", "raw_images", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "no complete batch" in result.stderr
+    assert "Traceback" not in result.stderr
+    # No DAGSTER_HOME given: the CLI made ./.dagster_home with our dagster.yaml.
+    assert "concurrency" in (tmp_path / ".dagster_home" / "dagster.yaml").read_text()
+
+
+def test_bad_selection_fails_clearly(tmp_path: Path) -> None:
+    result = cvops("run", "--select", "no_such_asset", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "cvops: error:" in result.stderr
+
+
+def test_seed_run_status_ingestion(tmp_path: Path) -> None:
+    cvops("seed", cwd=tmp_path)
+    batches = sorted(p.name for p in (tmp_path / "landing").iterdir())
+    assert batches == ["batch_001", "batch_002", "batch_003"]
+    assert sum(1 for _ in (tmp_path / "landing").rglob("*.png")) == 1797
+    out = cvops("run", "--select", "raw_images", cwd=tmp_path)
+    assert "materialized raw_images [batch_003]" in out.stdout
+    status = json.loads(cvops("status", "--json", cwd=tmp_path).stdout)
+    raw = status["raw_images"]
+    assert raw["batches"] == 3
+    assert raw["files"] == 1797
+    assert raw["rejected"] == 0 and raw["rejected_reasons"] == {}
+    assert (tmp_path / ".cvops" / "manifests" / "raw" / "batch_001.parquet").exists()
+
+
+def test_landing_and_artifacts_flags_override_environment(tmp_path: Path) -> None:
+    env = {"CVOPS_LANDING": str(tmp_path / "wrong"), "CVOPS_ARTIFACT_ROOT": str(tmp_path / "wrong-art")}
+    cvops("seed", "--landing", str(tmp_path / "in"), cwd=tmp_path, env=env)
+    cvops("run", "--select", "raw_images", "--landing", str(tmp_path / "in"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path, env=env)
+    assert (tmp_path / "art" / "manifests" / "raw" / "batch_002.parquet").exists()
+    assert not (tmp_path / "wrong-art").exists()

@@ -1,0 +1,65 @@
+"""The code location loads, names what DESIGN.md promises, and keeps its layering."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, Definitions
+
+from cvops_dagster.definitions import defs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_definitions_load() -> None:
+    Definitions.validate_loadable(defs)
+
+
+def test_expected_assets_checks_and_sensors() -> None:
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"raw_images"} <= keys
+    check_names = {k.name for k in graph.asset_check_keys}
+    assert "check_raw_images_not_empty" in check_names
+    assert all(name.startswith("check_") for name in check_names)
+    sensor = defs.resolve_sensor_def("image_batches_sensor")
+    assert sensor.default_status.value == "RUNNING"
+    assert defs.resolve_job_def("ingest_job") is not None
+    assert graph.get(AssetKey("raw_images")).partitions_def.name == "image_batches"
+
+
+@pytest.mark.parametrize("package", ["assets", "resources", "sensors", "cvops_dagster"])
+def test_top_level_packages_resolve_to_this_repository(package: str) -> None:
+    module = __import__(package)
+    assert Path(module.__file__).resolve().parent == REPO / package
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+DOMAIN_MODULES = sorted(
+    p for p in (REPO / "cvops_dagster").rglob("*.py") if p.stem not in {"definitions", "cli"}
+)
+
+
+@pytest.mark.parametrize("path", DOMAIN_MODULES, ids=lambda p: p.name)
+def test_domain_library_never_imports_dagster_layer(path: Path) -> None:
+    forbidden = {"dagster", "dagster_aws", "assets", "resources", "sensors"}
+    assert not (_imported_modules(path) & forbidden), f"{path.name} imports the Dagster layer"
+
+
+def test_layering_check_sees_real_imports(tmp_path: Path) -> None:
+    # The AST scan above must be able to fail.
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nfrom dagster import asset\n")
+    assert "dagster" in _imported_modules(probe)

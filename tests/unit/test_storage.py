@@ -1,0 +1,60 @@
+"""ArtifactStorage on a local folder: round trips, listing, keys and atomic writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cvops_dagster.storage import ArtifactStorage, sha256_bytes
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStorage:
+    return ArtifactStorage(str(tmp_path / "artifacts"))
+
+
+def test_round_trip_and_listing(store: ArtifactStorage) -> None:
+    store.write_bytes("a/b/c.bin", b"hello")
+    store.write_json("a/meta.json", {"x": 1})
+    store.write_parquet("t/frame.parquet", pd.DataFrame({"v": [1, 2]}))
+    assert store.read_bytes("a/b/c.bin") == b"hello"
+    assert store.read_json("a/meta.json") == {"x": 1}
+    assert store.read_parquet("t/frame.parquet")["v"].tolist() == [1, 2]
+    assert store.list() == ["a/b/c.bin", "a/meta.json", "t/frame.parquet"]
+    assert store.list("a") == ["a/b/c.bin", "a/meta.json"]
+    assert store.list("missing") == []
+    assert store.exists("a/b/c.bin") and not store.exists("a/b/nope")
+
+
+def test_exception_mid_write_leaves_no_file(store: ArtifactStorage) -> None:
+    with pytest.raises(RuntimeError):
+        with store.open_write("x/partial.bin") as f:
+            f.write(b"half of it")
+            raise RuntimeError("disk on fire")
+    assert not store.exists("x/partial.bin")
+    assert store.list() == []  # no temporary file left behind either
+
+
+def test_failed_overwrite_keeps_previous_version(store: ArtifactStorage) -> None:
+    store.write_bytes("model.bin", b"good")
+    with pytest.raises(ValueError):
+        with store.open_write("model.bin") as f:
+            f.write(b"bad")
+            raise ValueError("interrupted")
+    assert store.read_bytes("model.bin") == b"good"
+
+
+def test_content_addressed_writes_once(store: ArtifactStorage) -> None:
+    digest, key = store.write_content_addressed("images", b"\x89PNG...", "PNG")
+    assert digest == sha256_bytes(b"\x89PNG...")
+    assert key == f"images/{digest}.png"
+    assert store.write_content_addressed("images", b"\x89PNG...", "png") == (digest, key)
+    assert store.list("images") == [key]
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "../x", "a//b", "./a"])
+def test_keys_cannot_leave_the_root(store: ArtifactStorage, key: str) -> None:
+    with pytest.raises(ValueError):
+        store.write_bytes(key, b"x")
