@@ -1,0 +1,995 @@
+"""Safe image decoding and normalisation, in isolated worker processes.
+
+Every input file is untrusted. :func:`decode_image` turns its bytes into one canonical 8-bit
+image, or raises :class:`DecodeFailure` with a short reason code:
+
+- the format is detected from magic bytes, never from the extension, and must be in the
+  allow-list (PNG, JPEG, WebP, BMP, TIFF, GIF); Pillow is then told to use only that plugin;
+- PNG chunk checksums are verified (Pillow skips the CRC of image-data chunks on ``load``);
+- the declared size is checked against a pixel limit far below Pillow's default before any
+  pixel is decoded, and Pillow's own bomb warning is an error;
+- the whole image is decoded with ``load()`` (``verify()`` checks far less), and
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set, so a truncated file fails;
+- every decoder exception is caught and classified.
+
+Normalisation (the recorded policy, see :data:`NORMALISATION_POLICY`): EXIF orientation is
+applied; palette, CMYK, YCbCr and other modes become RGB; alpha (RGBA, LA, palette with
+transparency) is composited on a fixed background; 16-bit and 32-bit integer images are
+scaled by bit shift (a 16-bit ramp keeps 256 levels, nothing is clipped); float images are
+scaled to their range; animated images keep their first frame. An RGB image whose channels
+agree within a tolerance is grayscale ("L"), otherwise it stays "RGB" ("natural mode"); the
+dataset's single mode is chosen later from these (see ``cleaning``).
+
+:func:`decode_files` runs the work in a pool of worker processes, each with an address-space
+limit (``RLIMIT_AS``), stderr sent to /dev/null (libjpeg and libtiff warnings would flood
+the run log), and a per-file timeout. A worker that hangs is killed and the file is
+quarantined as ``decode_timeout``; a worker that dies takes only its current file with it
+(``decoder_crashed``); the other files of its chunk are retried on a fresh worker.
+Work is sent in chunks and results come back per chunk, so there is no per-file process
+round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing
+import os
+import signal
+import struct
+import tempfile
+import time
+import uuid
+import warnings
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from cvops_dagster.duplicates import THUMB_SIZE, perceptual_hashes
+from cvops_dagster.features import FEATURE_COLUMNS, pixel_features
+
+logger = logging.getLogger(__name__)
+
+# Load every Pillow plugin now, so forked (or forkserver-preloaded) workers start with them
+# imported instead of importing them on their first file.
+Image.init()
+
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+"""Formats accepted, by Pillow format name. MPO (multi-picture JPEG) counts as JPEG."""
+
+NORMALISATION_POLICY: dict[str, str] = {
+    "orientation": "EXIF orientation applied with ImageOps.exif_transpose",
+    "animation": "first_frame",
+    "alpha": "composited on the fixed background colour",
+    "high_bit_depth": "integers scaled by bit shift to 8 bits (16-bit: >> 8), floats min-max scaled",
+    "palette_cmyk_ycbcr": "converted to RGB",
+    "grayscale": "RGB whose channels differ by at most gray_tolerance is grayscale (L)",
+    "encoding": "PNG, 8-bit, L or RGB",
+}
+"""What normalisation does, recorded in dataset.json."""
+
+# Reason codes (also the values of the manifest's `reason` column for quarantined rows).
+REASON_EMPTY = "empty_file"
+REASON_FORMAT = "format_not_allowed"
+REASON_CHECKSUM = "bad_checksum"
+REASON_TRUNCATED = "truncated"
+REASON_BOMB = "decompression_bomb"
+REASON_MEMORY = "out_of_memory"
+REASON_MODE = "unsupported_mode"
+REASON_DECODE = "decode_error"
+REASON_TIMEOUT = "decode_timeout"
+REASON_CRASH = "decoder_crashed"
+REASON_MISSING = "missing_image"
+REASON_UNREADABLE = "unreadable"
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_ORIENTATION_TAG = 0x0112
+_HIGH_BIT_MODES = {"I;16": 8, "I;16L": 8, "I;16B": 8, "I;16N": 8, "I;16S": 8}
+
+
+class DecodeFailure(Exception):
+    """A file that cannot become a canonical image; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Limits and normalisation settings for decoding.
+
+    Attributes:
+        max_pixels: largest width x height accepted (Pillow's default warns at ~89.5M);
+            above it the file is a ``decompression_bomb``.
+        allowed_formats: Pillow format names accepted.
+        background: RGB colour alpha is composited on.
+        gray_tolerance: largest channel difference for which an RGB image counts as gray.
+        png_compress_level: zlib level of canonical PNGs.
+        task_timeout_s: per-file decode time limit in a worker.
+        memory_limit_bytes: address space a worker may add on top of its size at start.
+        silence_stderr: send worker stderr (C decoder warnings) to /dev/null.
+        start_method: multiprocessing start method for workers. "fork" (default) starts a
+            worker in ~10 ms with everything already imported; "forkserver" and "spawn"
+            re-import the parent's main module in every worker (in a Dagster run process
+            that is Dagster itself, seconds per worker). A worker that hangs at start (the
+            risk of forking a threaded parent) is killed by the start-up watchdog.
+        chunk_size: files per worker task; ``None`` picks from the file count.
+    """
+
+    max_pixels: int = 40_000_000
+    allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
+    background: tuple[int, int, int] = (255, 255, 255)
+    gray_tolerance: int = 2
+    png_compress_level: int = 6
+    task_timeout_s: float = 30.0
+    memory_limit_bytes: int = 2 * 1024**3
+    silence_stderr: bool = True
+    start_method: str = "fork"
+    chunk_size: int | None = None
+
+
+@dataclass
+class DecodedImage:
+    """A decoded, normalised image and what was learnt about its source.
+
+    Attributes:
+        image: canonical image, mode "L" or "RGB", 8 bits per channel.
+        format: source format (Pillow name), ``mode``/``width``/``height`` the source's.
+        animated: the source had more than one frame (only the first is kept).
+        orientation: the EXIF orientation applied (1 when none).
+        is_color: the image is colour ("RGB" natural mode).
+        passthrough: the source bytes already are the canonical PNG.
+    """
+
+    image: Image.Image
+    format: str
+    mode: str
+    width: int
+    height: int
+    animated: bool
+    orientation: int
+    passthrough: bool = False
+
+    @property
+    def is_color(self) -> bool:
+        return self.image.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The allow-listed format whose magic bytes start ``head``, else ``None``.
+
+    Args:
+        head: the first bytes of a file (16 are enough).
+
+    Returns:
+        Pillow's format name (``PNG``, ``JPEG``, ``GIF``, ``BMP``, ``TIFF``, ``WEBP``) or
+        ``None`` for anything else, whatever its extension.
+    """
+    if head.startswith(_PNG_MAGIC):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def check_png_chunks(data: bytes) -> bool:
+    """Verify every PNG chunk's length and CRC up to IEND.
+
+    Returns:
+        ``True`` when the file holds only the critical chunks (IHDR, IDAT, IEND), meaning a
+        plain 8-bit PNG can be used as its own canonical form.
+
+    Raises:
+        DecodeFailure: ``truncated`` when a chunk or IEND is missing, ``bad_checksum`` on a
+            CRC mismatch.
+    """
+    view = memoryview(data)
+    pos = len(_PNG_MAGIC)
+    end = len(data)
+    only_critical = True
+    unpack = struct.Struct(">I").unpack_from
+    while True:
+        if pos + 8 > end:
+            raise DecodeFailure(REASON_TRUNCATED, "PNG ends before IEND")
+        (length,) = unpack(data, pos)
+        chunk_type = bytes(view[pos + 4 : pos + 8])
+        stop = pos + 12 + length
+        if stop > end:
+            raise DecodeFailure(REASON_TRUNCATED, f"PNG chunk {chunk_type!r} is cut short")
+        (stored,) = unpack(data, stop - 4)
+        if zlib.crc32(view[pos + 4 : stop - 4]) != stored:
+            raise DecodeFailure(REASON_CHECKSUM, f"PNG chunk {chunk_type!r} fails its CRC")
+        if chunk_type == b"IEND":
+            return only_critical
+        if chunk_type not in (b"IHDR", b"IDAT"):
+            only_critical = False
+        pos = stop
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+
+def _composite(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    rgba = image.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _scale_high_bit(image: Image.Image) -> Image.Image:
+    """8-bit "L" from 16/32-bit integer or float grayscale, scaled rather than clipped."""
+    array = np.asarray(image)
+    if image.mode in _HIGH_BIT_MODES:
+        scaled = (array.astype(np.uint32) >> _HIGH_BIT_MODES[image.mode]).astype(np.uint8)
+    elif image.mode == "I":
+        values = array.astype(np.int64)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low >= 0 and high <= 255:
+            scaled = values.astype(np.uint8)
+        elif low >= 0 and high <= 65535:  # 16-bit data held in a 32-bit mode
+            scaled = (values >> 8).astype(np.uint8)
+        else:
+            scaled = ((values - low) * 255 // max(high - low, 1)).astype(np.uint8)
+    else:  # "F"
+        values = array.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if low >= 0.0 and high <= 1.0:
+            low, high = 0.0, 1.0
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+        scaled = np.rint((values - low) * 255.0 / max(high - low, 1e-12)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L") if scaled.ndim == 2 else Image.fromarray(scaled)
+
+
+def normalise_mode(image: Image.Image, config: DecodeConfig = DecodeConfig()) -> Image.Image:
+    """Convert a decoded image to its natural canonical mode, "L" or "RGB".
+
+    Raises:
+        DecodeFailure: ``unsupported_mode`` when Pillow cannot convert the mode.
+    """
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        result = image
+    elif mode == "1":
+        result = image.convert("L")
+    elif mode in _HIGH_BIT_MODES or mode in ("I", "F"):
+        result = _scale_high_bit(image)
+    elif mode == "P":
+        has_alpha = "transparency" in image.info or image.palette is not None and image.palette.mode == "RGBA"
+        result = _composite(image, config.background) if has_alpha else image.convert("RGB")
+    elif mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        result = _composite(image, config.background)
+    else:  # CMYK, YCbCr, HSV, LAB, RGBX...
+        try:
+            result = image.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise DecodeFailure(REASON_MODE, f"cannot convert mode {mode}: {exc}") from exc
+    if result.mode == "RGB" and result.width and result.height:
+        array = np.asarray(result)
+        low = array.min(axis=2)
+        high = array.max(axis=2)
+        if int((high - low).max()) <= config.gray_tolerance:
+            result = result.convert("L")
+    return result
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    """Map a decoder exception to (reason, detail)."""
+    detail = f"{type(exc).__name__}: {exc}"[:300]
+    message = str(exc).lower()
+    if isinstance(exc, DecodeFailure):
+        return exc.reason, exc.detail
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return REASON_BOMB, detail
+    if isinstance(exc, MemoryError):
+        return REASON_MEMORY, detail
+    if "truncated" in message or isinstance(exc, EOFError):
+        return REASON_TRUNCATED, detail
+    if "crc" in message:
+        return REASON_CHECKSUM, detail
+    return REASON_DECODE, detail
+
+
+def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedImage:
+    """Decode untrusted bytes into a canonical image.
+
+    Safe to call in any process: the pixel limit is checked here, not through Pillow's
+    global, and warnings are only changed inside this call. Isolation from hangs, crashes
+    and memory exhaustion comes from running it in :func:`decode_files`'s workers.
+
+    Args:
+        data: the file's bytes.
+        config: limits and normalisation settings.
+
+    Returns:
+        The decoded image and its source facts.
+
+    Raises:
+        DecodeFailure: with a reason code for every kind of bad input.
+    """
+    if not data:
+        raise DecodeFailure(REASON_EMPTY, "file has no bytes")
+    fmt = sniff_format(data[:16])
+    if fmt is None or fmt not in config.allowed_formats:
+        raise DecodeFailure(REASON_FORMAT, f"magic bytes {data[:8].hex()} are not an allowed format")
+    try:
+        if _IN_WORKER:  # warnings were set once for the whole process
+            return _decode_checked(data, fmt, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode_checked(data, fmt, config)
+    except DecodeFailure:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        struct.error,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        MemoryError,
+        NotImplementedError,
+        IndexError,
+        KeyError,
+        TypeError,
+        ZeroDivisionError,
+        OverflowError,
+        AttributeError,
+        RuntimeError,
+        AssertionError,
+        ArithmeticError,
+        LookupError,
+    ) as exc:
+        reason, detail = _classify(exc)
+        raise DecodeFailure(reason, detail) from exc
+
+
+def _decode_checked(data: bytes, fmt: str, config: DecodeConfig) -> DecodedImage:
+    plain_png = check_png_chunks(data) if fmt == "PNG" else False
+    # formats=[...]: only the sniffed plugin may claim the file.
+    image = Image.open(io.BytesIO(data), formats=[fmt])
+    if image.format not in config.allowed_formats and not (image.format == "MPO" and "JPEG" in config.allowed_formats):
+        raise DecodeFailure(REASON_FORMAT, f"decoder reports {image.format}")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise DecodeFailure(REASON_DECODE, f"image has size {width}x{height}")
+    if width * height > config.max_pixels:
+        raise DecodeFailure(REASON_BOMB, f"{width}x{height} exceeds {config.max_pixels} pixels")
+    try:
+        animated = bool(getattr(image, "is_animated", False))
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError):
+        animated = True  # a later frame is unreadable; the policy keeps only the first
+    if animated:
+        image.seek(0)
+    source_mode = image.mode
+    image.load()
+    orientation = 1
+    info = image.info
+    # getexif() parses EXIF (and XMP) on every call; only images carrying either can have
+    # an orientation, and a TIFF holds it as a plain tag.
+    if (
+        "exif" in info
+        or "Raw profile type exif" in info
+        or "xmp" in info
+        or "XML:com.adobe.xmp" in info
+        or (fmt == "TIFF" and _ORIENTATION_TAG in getattr(image, "tag_v2", {}))
+    ):
+        try:
+            orientation = int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
+        except (OSError, ValueError, SyntaxError, struct.error, TypeError, KeyError, IndexError):
+            orientation = 1  # unreadable EXIF: keep the stored orientation
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            image = ImageOps.exif_transpose(image)
+        else:
+            orientation = 1
+    canonical = normalise_mode(image, config)
+    passthrough = (
+        plain_png
+        and orientation == 1
+        and not animated
+        and canonical is image
+        and data[24] == 8  # bit depth
+        and data[25] in (0, 2)  # colour type: gray or RGB, no alpha
+        and data[28] == 0  # not interlaced
+    )
+    return DecodedImage(
+        image=canonical,
+        format="JPEG" if image.format == "MPO" else str(image.format or fmt),
+        mode=source_mode,
+        width=width,
+        height=height,
+        animated=animated,
+        orientation=orientation,
+        passthrough=passthrough,
+    )
+
+
+def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
+    """The canonical PNG bytes of an "L" or "RGB" image (no metadata chunks)."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def pixel_hash(image: Image.Image | np.ndarray) -> str:
+    """Hash of the decoded pixels (mode, size and bytes): equal for lossless re-encodes.
+
+    Accepts the canonical image or its uint8 array ((H, W) is "L", (H, W, 3) is "RGB").
+    """
+    array = np.ascontiguousarray(np.asarray(image))
+    mode = "L" if array.ndim == 2 else "RGB"
+    digest = hashlib.blake2b(f"{mode}:{array.shape[1]}x{array.shape[0]}:".encode(), digest_size=16)
+    digest.update(array.data)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- chunk work
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "key",
+    "ok",
+    "reason",
+    "reason_detail",
+    "format",
+    "mode",
+    "orig_width",
+    "orig_height",
+    "animated",
+    "orientation",
+    "canonical_mode",
+    "canonical_sha",
+    "pixel_hash",
+    "passthrough",
+)
+"""Per-file columns of :func:`decode_files`' frame, besides features and hashes."""
+_ALL_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys((*RESULT_COLUMNS, *FEATURE_COLUMNS)))
+# Chunk results carry these as numpy arrays (compact to pickle), the rest as lists.
+_INT_COLUMNS: tuple[str, ...] = ("orig_width", "orig_height", "orientation", "width", "height", "channels", "file_size")
+_FLOAT_COLUMNS: tuple[str, ...] = ("aspect_ratio", "brightness", "contrast", "sharpness")
+_BOOL_COLUMNS: tuple[str, ...] = ("ok", "animated", "passthrough")
+_OBJECT_COLUMNS: tuple[str, ...] = tuple(
+    c for c in _ALL_COLUMNS if c not in (*_INT_COLUMNS, *_FLOAT_COLUMNS, *_BOOL_COLUMNS)
+)
+
+
+def _write_canonical(out_dir: Path, data: bytes, source: str | None = None) -> str:
+    """Write canonical PNG bytes content-addressed into ``out_dir``; return the sha256.
+
+    ``source`` is a file holding exactly ``data``: it is hard-linked when possible, which
+    costs one system call instead of a write.
+    """
+    sha = hashlib.sha256(data).hexdigest()
+    target = out_dir / f"{sha}.png"
+    if source is not None:
+        try:
+            os.link(source, target)
+            return sha
+        except FileExistsError:
+            return sha
+        except OSError:
+            pass  # another file system, or links not allowed: copy below
+    if not target.exists():
+        tmp = out_dir / f".tmp-{sha}.png-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    return sha
+
+
+# Canonical PNG sha256 per (folder, pixel hash) written by this process's encoder. The
+# encoder is deterministic, so an exact duplicate met again (a lossless re-encode, a copy)
+# needs neither encoding nor a file; the cache lives as long as one decode worker.
+_ENCODED: dict[tuple[str, str], str] = {}
+_ENCODED_MAX = 200_000
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise DecodeFailure(REASON_MISSING, str(exc)) from exc
+    except OSError as exc:
+        raise DecodeFailure(REASON_UNREADABLE, str(exc)) from exc
+
+
+def _pixels(image: Image.Image) -> tuple[np.ndarray, str]:
+    """The pixel array of a canonical image (one copy) and its :func:`pixel_hash`."""
+    raw = image.tobytes()
+    width, height = image.size
+    mode = image.mode
+    digest = hashlib.blake2b(f"{mode}:{width}x{height}:".encode(), digest_size=16)
+    digest.update(raw)
+    shape = (height, width) if mode == "L" else (height, width, 3)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape), digest.hexdigest()
+
+
+# True in decode workers, whose warning filters are set once by _init_worker.
+_IN_WORKER = False
+
+# Indirection so tests can inject hangs and crashes (with the "fork" start method).
+_ITEM_HOOK: Callable[[str], None] | None = None
+
+
+def process_chunk(
+    items: Sequence[tuple[str, str]],
+    config: DecodeConfig,
+    out_dir: str | os.PathLike[str],
+    state: Any = None,
+    keep_pixels_up_to: int = 0,
+    write_passthrough: bool = True,
+) -> dict[str, Any]:
+    """Decode a chunk of files; the unit of work a worker does between two messages.
+
+    Args:
+        items: ``(key, local path)`` per file.
+        config: decoding settings.
+        out_dir: folder the canonical PNGs are written to as ``<sha256>.png``.
+        state: optional shared array a worker reports progress in (for timeouts).
+        keep_pixels_up_to: canonical images of at most this many bytes that are not
+            already canonical PNGs are returned as arrays (``pixels``) instead of being
+            encoded here, so a caller can encode only the ones it keeps.
+        write_passthrough: also place files that already are canonical PNGs in
+            ``out_dir``; when ``False`` only their sha256 is reported.
+
+    Returns:
+        Columns (lists) named :data:`RESULT_COLUMNS` and :data:`FEATURE_COLUMNS`, plus
+        ``phash`` (uint64 array), ``compare`` (uint8 array (N, 16, 16)) and ``pixels``
+        (chunk position -> array for the images kept as arrays).
+    """
+    out_path = Path(out_dir)
+    out_text = str(out_dir)
+    n = len(items)
+    columns: dict[str, Any] = {name: [None] * n for name in _OBJECT_COLUMNS}
+    columns["key"] = [key for key, _ in items]
+    ok_column = np.zeros(n, dtype=bool)
+    orig_size = np.zeros((n, 2), dtype=np.int64)
+    orientation = np.ones(n, dtype=np.int64)
+    animated = np.zeros(n, dtype=bool)
+    passthrough = np.zeros(n, dtype=bool)
+    file_size = np.zeros(n, dtype=np.int64)
+    canonical: list[np.ndarray] = []
+    pixels: dict[int, np.ndarray] = {}
+    thumbs = np.zeros((n, THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
+    level = config.png_compress_level
+    for index, (key, path) in enumerate(items):
+        if state is not None:
+            state[1] = index
+            state[2] = time.monotonic()
+        try:
+            if _ITEM_HOOK is not None:
+                _ITEM_HOOK(key)
+            data = _read_file(path)
+            decoded = decode_image(data, config)
+            image = decoded.image
+            array, digest = _pixels(image)
+            if decoded.passthrough:
+                sha = _write_canonical(out_path, data, source=path) if write_passthrough else hashlib.sha256(data).hexdigest()
+            elif array.nbytes <= keep_pixels_up_to:
+                sha = None
+                pixels[index] = array
+            else:
+                cache_key = (out_text, digest)
+                sha = _ENCODED.get(cache_key)
+                if sha is None or not os.path.exists(out_path / f"{sha}.png"):
+                    sha = _write_canonical(out_path, encode_png(image, level))
+                    if len(_ENCODED) < _ENCODED_MAX:
+                        _ENCODED[cache_key] = sha
+        except DecodeFailure as exc:
+            columns["reason"][index], columns["reason_detail"][index] = exc.reason, exc.detail
+            continue
+        except MemoryError as exc:
+            columns["reason"][index], columns["reason_detail"][index] = REASON_MEMORY, f"MemoryError: {exc}"[:300]
+            continue
+        except Exception as exc:  # noqa: BLE001 - any decoder bug is a quarantine, not a crash
+            columns["reason"][index], columns["reason_detail"][index] = _classify(exc)
+            continue
+        ok_column[index] = True
+        columns["format"][index] = decoded.format
+        columns["mode"][index] = decoded.mode
+        orig_size[index] = (decoded.width, decoded.height)
+        animated[index] = decoded.animated
+        orientation[index] = decoded.orientation
+        columns["canonical_mode"][index] = image.mode
+        columns["canonical_sha"][index] = sha
+        columns["pixel_hash"][index] = digest
+        passthrough[index] = decoded.passthrough
+        file_size[index] = len(data)
+        if array.shape == (THUMB_SIZE, THUMB_SIZE):
+            thumbs[index] = array
+        else:
+            gray = image if image.mode == "L" else image.convert("L")
+            thumbs[index] = np.asarray(gray.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
+        canonical.append(array)
+    if state is not None:
+        state[2] = 0.0  # post-processing is bounded numpy work on decoded pixels
+    # Features of the whole chunk at once (stacked numpy), scattered to the decoded rows.
+    features = pixel_features(canonical)
+    for name, values in features.items():
+        full = np.zeros(n, dtype=values.dtype) if values.dtype.kind == "i" else np.full(n, np.nan)
+        full[ok_column] = values
+        columns[name] = full
+    columns["file_size"] = file_size
+    columns["ok"] = ok_column
+    columns["orig_width"] = orig_size[:, 0].copy()
+    columns["orig_height"] = orig_size[:, 1].copy()
+    columns["orientation"] = orientation
+    columns["animated"] = animated
+    columns["passthrough"] = passthrough
+    phash, compare = perceptual_hashes(thumbs)
+    result: dict[str, Any] = dict(columns)
+    result["phash"] = phash
+    result["compare"] = compare
+    result["pixels"] = pixels
+    return result
+
+
+# ---------------------------------------------------------------------------- worker pool
+
+
+def _init_worker(config: DecodeConfig) -> None:
+    """Set the limits a decoding worker runs under."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    _ENCODED.clear()  # a forked worker must not trust its parent's cache
+    if config.silence_stderr:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    warnings.simplefilter("ignore")
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    global _IN_WORKER
+    _IN_WORKER = True
+    Image.MAX_IMAGE_PIXELS = config.max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if config.memory_limit_bytes:
+        try:
+            import resource
+
+            with open("/proc/self/statm") as f:
+                current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limit = current + config.memory_limit_bytes
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            if hard != resource.RLIM_INFINITY:
+                limit = min(limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        except (ImportError, OSError, ValueError):
+            logger.debug("address-space limit not available on this platform")
+
+
+def _worker_main(
+    conn: Connection, state: Any, config: DecodeConfig, out_dir: str, keep_pixels_up_to: int, write_passthrough: bool
+) -> None:
+    """Worker loop: receive ``(seq, items)``, send ``(seq, result)``; ``None`` stops it."""
+    _init_worker(config)
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        seq, items = message
+        state[0] = seq
+        state[1] = -1
+        result = process_chunk(items, config, out_dir, state, keep_pixels_up_to, write_passthrough)
+        state[1] = -1
+        conn.send((seq, result))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Connection
+    state: Any
+    # Chunks sent and not yet answered; the first is the one being worked on.
+    tasks: deque[tuple[int, list[tuple[str, str]]]] = field(default_factory=deque)
+    sent_at: float = 0.0  # when the first of `tasks` was sent
+
+
+@dataclass
+class PoolStats:
+    """What happened in a :func:`decode_files` run."""
+
+    workers: int = 0
+    chunks: int = 0
+    timeouts: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DecodePoolError(RuntimeError):
+    """Workers keep dying before doing any work (a broken environment, not bad files)."""
+
+
+def _failure_row(key: str, reason: str, detail: str) -> dict[str, Any]:
+    row: dict[str, Any] = {name: None for name in _ALL_COLUMNS}
+    row.update(key=key, ok=False, reason=reason, reason_detail=detail)
+    return row
+
+
+_PREFETCH_BYTES = 48 * 1024
+
+
+def _message_size(task: tuple[int, list[tuple[str, str]]]) -> int:
+    """A generous estimate of a task message's pickled size."""
+    return 64 + sum(len(key) + len(path) + 16 for key, path in task[1])
+
+
+def _chunk_size(n_files: int, workers: int, configured: int | None) -> int:
+    if configured:
+        return max(1, configured)
+    # ~4 chunks per worker balances load; 256 bounds the work lost to a killed worker.
+    return int(min(256, max(8, -(-n_files // (workers * 4)))))
+
+
+def decode_files(
+    items: Sequence[tuple[str, str]],
+    out_dir: str | os.PathLike[str],
+    config: DecodeConfig = DecodeConfig(),
+    workers: int | None = None,
+    *,
+    keep_pixels_up_to: int = 0,
+    write_passthrough: bool = True,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, PoolStats]:
+    """Decode files in worker processes, quarantining the ones that hang or crash.
+
+    Args:
+        items: ``(key, local path)`` per file; keys must be unique.
+        out_dir: local folder the canonical PNGs are written to as ``<sha256>.png``.
+        config: decoding settings and limits.
+        workers: worker processes; ``None`` means one per CPU core.
+        keep_pixels_up_to: images whose canonical pixels take at most this many bytes and
+            that are not already canonical PNGs are not encoded: their pixels come back in
+            the frame's ``pixels`` column (``canonical_sha`` is ``None``), so the caller
+            encodes only the images it keeps (cleaning drops duplicates first).
+        write_passthrough: place files that already are canonical PNGs in ``out_dir``
+            (a hard link); ``False`` only reports their sha256 (the caller can use the
+            raw file itself, which is content addressed too).
+
+    Returns:
+        ``(frame, phash, compare, stats)``: one row per item in input order (columns
+        :data:`RESULT_COLUMNS` + :data:`FEATURE_COLUMNS` + ``pixels``), the uint64 pHash
+        per row, the (N, 16, 16) comparison thumbnails, and pool statistics.
+
+    Raises:
+        DecodePoolError: workers die repeatedly before finishing any chunk.
+    """
+    started = time.perf_counter()
+    n_items = len(items)
+    n_workers = max(1, min(workers or os.cpu_count() or 1, max(n_items, 1)))
+    stats = PoolStats(workers=n_workers)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    size = _chunk_size(n_items, n_workers, config.chunk_size)
+    pending: deque[tuple[int, list[tuple[str, str]]]] = deque()
+    seq = 0
+    for start in range(0, n_items, size):
+        pending.append((seq, list(items[start : start + size])))
+        seq += 1
+    index_of = {key: i for i, (key, _) in enumerate(items)}
+    if len(index_of) != n_items:
+        raise ValueError("decode_files needs unique keys")
+    chunk_results: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+
+    ctx = multiprocessing.get_context(config.start_method)
+    if config.start_method == "forkserver":
+        ctx.set_forkserver_preload(["cvops_dagster.decoding"])
+
+    def start_worker() -> _Worker:
+        parent, child = ctx.Pipe()
+        state = ctx.RawArray("d", 3)
+        state[0], state[1], state[2] = -1.0, -1.0, 0.0
+        process = ctx.Process(
+            target=_worker_main,
+            args=(child, state, config, str(out_dir), keep_pixels_up_to, write_passthrough),
+            daemon=True,
+            name="cvops-decode",
+        )
+        process.start()
+        child.close()
+        return _Worker(process, parent, state)
+
+    def retire(worker: _Worker, reason: str) -> bool:
+        """Record the file a dead/killed worker was on, and requeue the rest of its chunk.
+
+        Returns ``False`` when the worker died before starting its chunk (a start-up
+        failure, no file to blame): the chunk is requeued whole.
+        """
+        nonlocal seq
+        assert worker.tasks
+        for queued in reversed(list(worker.tasks)[1:]):  # never started: retry whole
+            pending.appendleft(queued)
+        task_seq, task_items = worker.tasks[0]
+        worker.tasks.clear()
+        if int(worker.state[0]) != task_seq:
+            pending.appendleft((task_seq, task_items))
+            return False
+        position = int(worker.state[1])
+        if position < 0 and len(task_items) > 1:
+            # Died between files: retry each file alone to find the culprit.
+            for item in reversed(task_items):
+                pending.appendleft((seq, [item]))
+                seq += 1
+            return True
+        position = max(position, 0)
+        key = task_items[position][0]
+        if reason == REASON_TIMEOUT:
+            detail = f"no result within {config.task_timeout_s:g} s; worker killed"
+        else:
+            code = worker.process.exitcode
+            detail = f"worker exited with {'signal ' + str(-code) if code and code < 0 else 'code ' + str(code)}"
+        failures.append(_failure_row(key, reason, detail))
+        rest = task_items[:position] + task_items[position + 1 :]
+        if rest:
+            pending.appendleft((seq, rest))
+            seq += 1
+        return True
+
+    pool: list[_Worker] = [start_worker() for _ in range(n_workers)]
+    startup_failures = 0
+    try:
+        while pending or any(w.tasks for w in pool):
+            for worker in pool:
+                # Keep a second small chunk queued so the worker never waits for us; a
+                # large one could fill the pipe while the worker is sending its result.
+                while pending and (
+                    not worker.tasks or (len(worker.tasks) == 1 and _message_size(pending[0]) < _PREFETCH_BYTES)
+                ):
+                    if not worker.tasks:
+                        worker.sent_at = time.monotonic()
+                    worker.tasks.append(pending.popleft())
+                    worker.conn.send(worker.tasks[-1])
+            busy = [w for w in pool if w.tasks]
+            waitables: list[Any] = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+            wait(waitables, timeout=0.05)
+            now = time.monotonic()
+            for index, worker in enumerate(pool):
+                if not worker.tasks:
+                    continue
+                dead_reason = None
+                if worker.conn.poll():
+                    try:
+                        task_seq, result = worker.conn.recv()
+                    except (EOFError, OSError):
+                        dead_reason = REASON_CRASH
+                    else:
+                        chunk_results.append(result)
+                        if worker.tasks[0][0] != task_seq:
+                            raise RuntimeError("decode worker answered out of order")
+                        worker.tasks.popleft()
+                        worker.sent_at = time.monotonic()
+                        stats.chunks += 1
+                        startup_failures = 0
+                        continue
+                if dead_reason is None and not worker.process.is_alive():
+                    dead_reason = REASON_CRASH
+                if dead_reason is None:
+                    began = worker.state[2]
+                    started_chunk = int(worker.state[0]) == worker.tasks[0][0]
+                    if began and now - began > config.task_timeout_s:
+                        dead_reason = REASON_TIMEOUT
+                        worker.process.kill()
+                    elif not started_chunk and now - worker.sent_at > config.task_timeout_s:
+                        dead_reason = REASON_CRASH  # stuck before its chunk: start-up hang
+                        worker.process.kill()
+                if dead_reason is None:
+                    continue
+                worker.process.join(timeout=5)
+                if dead_reason == REASON_TIMEOUT:
+                    stats.timeouts += 1
+                else:
+                    stats.crashes += 1
+                logger.warning("decode worker %s: %s; replacing it", worker.process.pid, dead_reason)
+                if retire(worker, dead_reason):
+                    startup_failures = 0
+                else:
+                    startup_failures += 1
+                worker.conn.close()
+                if startup_failures > 3:
+                    raise DecodePoolError(
+                        f"decode workers die before starting work (exit code {worker.process.exitcode}); "
+                        "with the forkserver/spawn start methods the main module must be importable"
+                    )
+                pool[index] = start_worker()
+                stats.restarts += 1
+    finally:
+        for worker in pool:
+            try:
+                if worker.process.is_alive():
+                    worker.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        deadline = time.monotonic() + 2.0
+        for worker in pool:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+
+    frame, phash, compare = _assemble(chunk_results, failures, index_of)
+    stats.seconds = time.perf_counter() - started
+    return frame, phash, compare, stats
+
+
+def _assemble(
+    chunk_results: list[dict[str, Any]], failures: list[dict[str, Any]], index_of: dict[str, int]
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Merge chunk results and failure rows back into input order."""
+    n_fail = len(failures)
+    keys: list[str] = []
+    for result in chunk_results:
+        keys.extend(result["key"])
+    keys.extend(row["key"] for row in failures)
+    order = np.argsort(np.array([index_of[k] for k in keys], dtype=np.int64), kind="stable")
+    if len(order) != len(index_of):
+        raise RuntimeError(f"decode pool returned {len(order)} results for {len(index_of)} files")
+    columns: dict[str, Any] = {}
+    for name in _ALL_COLUMNS:
+        if name in _OBJECT_COLUMNS:
+            merged: list[Any] = []
+            for result in chunk_results:
+                merged.extend(result[name])
+            merged.extend(row[name] for row in failures)
+            columns[name] = np.array(merged, dtype=object)[order] if merged else np.zeros(0, dtype=object)
+            continue
+        if name in _FLOAT_COLUMNS:
+            tail = np.full(n_fail, np.nan)
+        elif name in _BOOL_COLUMNS:
+            tail = np.zeros(n_fail, dtype=bool)
+        else:
+            tail = np.zeros(n_fail, dtype=np.int64)
+        parts = [np.asarray(result[name]) for result in chunk_results]
+        columns[name] = np.concatenate([*parts, tail]).astype(tail.dtype, copy=False)[order]
+    ok = columns["ok"]
+    for name in _INT_COLUMNS:
+        columns[name] = pd.arrays.IntegerArray(columns[name], ~ok)
+    for name in ("animated", "passthrough"):
+        columns[name] = pd.arrays.BooleanArray(columns[name], ~ok)
+    pixels: list[Any] = []
+    for result in chunk_results:
+        kept = result.get("pixels") or {}
+        pixels.extend(kept.get(i) for i in range(len(result["key"])))
+    pixels.extend([None] * n_fail)
+    holder = np.empty(len(pixels), dtype=object)  # element-wise, so arrays stay whole
+    for i, array in enumerate(pixels):
+        if array is not None:
+            holder[i] = array
+    columns["pixels"] = holder[order]
+    frame = pd.DataFrame(columns, columns=[*_ALL_COLUMNS, "pixels"])
+    phash = np.concatenate([*(r["phash"] for r in chunk_results), np.zeros(n_fail, dtype=np.uint64)])
+    compare = np.concatenate(
+        [*(r["compare"] for r in chunk_results), np.zeros((n_fail, 16, 16), dtype=np.uint8)]
+    )
+    return frame, phash[order], compare[order]
+
+
+def default_scratch_dir() -> Path:
+    """A fresh temporary folder for staging files when storage is not local."""
+    return Path(tempfile.mkdtemp(prefix="cvops-decode-"))

@@ -1,0 +1,172 @@
+"""Exact and near-duplicate detection for decoded images (numpy only, no imagehash).
+
+Exact duplicates share the hash of their decoded pixels (mode, size and pixel bytes), so a
+PNG and a lossless re-encode of it as BMP or TIFF are one image. Near duplicates are found
+in two stages:
+
+1. a 64-bit perceptual hash (pHash: the sign of the 8x8 lowest DCT frequencies of a 32x32
+   box-filtered luma thumbnail against their median) within a Hamming threshold proposes
+   candidate pairs;
+2. each candidate is confirmed only if the mean absolute difference of the two 16x16 luma
+   thumbnails is small.
+
+Why two stages: on tiny images of similar shapes (the 8x8 sklearn digits upscaled to
+32x32) any hash alone either misses JPEG re-encodes or merges distinct digits. Measured on
+all 1,797 ``load_digits`` images: pHash within 6 bits pairs up about 20% of the distinct
+digits, but their thumbnail MAE is never below 7.5 grey levels; JPEG re-encodes down to
+quality 30 stay within 6 bits and below 2.8 levels. The defaults (6 bits, 4.0 levels) flag
+none of the distinct digits and every one of those re-encodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+THUMB_SIZE = 32
+"""Side of the luma thumbnail the perceptual hash is computed from."""
+COMPARE_SIZE = 16
+"""Side of the thumbnail used to confirm a near-duplicate candidate."""
+
+
+@dataclass(frozen=True)
+class NearDuplicateConfig:
+    """Thresholds for near duplicates.
+
+    Attributes:
+        hamming_threshold: the largest pHash Hamming distance (of 64 bits) for a candidate;
+            a negative value turns near-duplicate detection off.
+        max_thumbnail_mae: the largest mean absolute difference, in grey levels (0-255),
+            between the 16x16 thumbnails of a confirmed pair.
+    """
+
+    hamming_threshold: int = 6
+    max_thumbnail_mae: float = 4.0
+
+
+@lru_cache(maxsize=1)
+def _dct_rows(n: int = THUMB_SIZE, k: int = 8) -> np.ndarray:
+    """The first ``k`` rows of the orthonormal DCT-II matrix of size ``n``."""
+    freq = np.arange(k)[:, None]
+    pos = np.arange(n)[None, :]
+    matrix = np.cos(np.pi * (2 * pos + 1) * freq / (2 * n)) * np.sqrt(2.0 / n)
+    matrix[0] /= np.sqrt(2.0)
+    return matrix.astype(np.float32)
+
+
+def perceptual_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Perceptual hashes and comparison thumbnails of 32x32 luma thumbnails.
+
+    Args:
+        thumbs: uint8 or float array (N, 32, 32): box-downscaled luma of each image.
+
+    Returns:
+        ``(phash, compare)``: uint64 array (N,) of 64-bit pHashes, and uint8 array
+        (N, 16, 16) of 2x2-averaged thumbnails for confirming candidates.
+    """
+    raw = np.asarray(thumbs).reshape(-1, THUMB_SIZE, THUMB_SIZE)
+    stack = raw.astype(np.float32)
+    n = stack.shape[0]
+    dct = _dct_rows()
+    # dct @ X @ dct.T for every thumbnail, as two large matrix products (a batched matmul
+    # of 32x32 slices costs several times more for small batches of tiny images).
+    half = (stack.reshape(n * THUMB_SIZE, THUMB_SIZE) @ dct.T).reshape(n, THUMB_SIZE, 8)
+    low = (dct @ half.transpose(1, 0, 2).reshape(THUMB_SIZE, n * 8)).reshape(8, n, 8).transpose(1, 0, 2)
+    low = low.reshape(n, 64)
+    # The median of the 63 AC terms (DC excluded, as in pHash) is the 32nd smallest.
+    median = np.sort(low[:, 1:], axis=1)[:, 31:32]
+    bits = np.packbits(low > median, axis=1, bitorder="little")  # bit k = coefficient k
+    phash = np.ascontiguousarray(bits).view("<u8").reshape(n).astype(np.uint64)
+    # 2x2 means by four strided sums (a reshape-and-mean over two axes is ~10x slower).
+    wide = raw.astype(np.float32) if raw.dtype != np.uint8 else raw.astype(np.uint16)
+    total = wide[:, 0::2, 0::2] + wide[:, 1::2, 0::2] + wide[:, 0::2, 1::2] + wide[:, 1::2, 1::2]
+    compare = np.rint(total.astype(np.float32) * 0.25)
+    return phash, compare.astype(np.uint8)
+
+
+def _candidate_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``threshold`` bits."""
+    n = len(phash)
+    firsts, seconds = [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        rows = phash[start:stop, None]
+        cols = phash[None, start:]
+        close = np.bitwise_count(rows ^ cols) <= threshold
+        # keep the strict upper triangle: column index (offset by start) > row index
+        close &= np.arange(start, n)[None, :] > np.arange(start, stop)[:, None]
+        i, j = np.nonzero(close)
+        firsts.append(i + start)
+        seconds.append(j + start)
+    if not firsts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def find_duplicates(
+    pixel_hashes: Sequence[str],
+    phash: np.ndarray,
+    compare: np.ndarray,
+    config: NearDuplicateConfig = NearDuplicateConfig(),
+) -> tuple[np.ndarray, list[str | None]]:
+    """Group images into duplicates, keeping the first of each group.
+
+    Items are taken in the given order, so the caller decides which copy survives (cleaning
+    orders by ingestion time, keeping existing samples stable when batches are added).
+    Near duplicates use leader clustering: an image joins the closest earlier kept image
+    within the thresholds, never a duplicate, so chains of small differences cannot merge
+    distinct images.
+
+    Args:
+        pixel_hashes: hash of the decoded pixels per image.
+        phash: uint64 pHash per image (see :func:`perceptual_hashes`).
+        compare: uint8 (N, 16, 16) comparison thumbnails.
+        config: near-duplicate thresholds.
+
+    Returns:
+        ``(keep, kind)``: ``keep[i]`` is the index of the image that ``i`` duplicates
+        (``i`` itself for kept images); ``kind[i]`` is ``"exact"``, ``"near"`` or ``None``.
+    """
+    n = len(pixel_hashes)
+    if len(phash) != n or len(compare) != n:
+        raise ValueError("pixel_hashes, phash and compare must have the same length")
+    keep = np.arange(n, dtype=np.int64)
+    kind: list[str | None] = [None] * n
+    if n == 0:
+        return keep, kind
+
+    codes, _ = pd.factorize(pd.Series(list(pixel_hashes), dtype=object))
+    _, first = np.unique(codes, return_index=True)
+    first_of_code = np.empty(len(first), dtype=np.int64)
+    first_of_code[np.unique(codes)] = first
+    keep = first_of_code[codes]
+    for i in np.nonzero(keep != np.arange(n))[0]:
+        kind[i] = "exact"
+
+    if config.hamming_threshold < 0:
+        return keep, kind
+    reps = np.sort(first)  # one image per distinct pixel content, in input order
+    a, b = _candidate_pairs(np.asarray(phash, dtype=np.uint64)[reps], config.hamming_threshold)
+    if len(a):
+        thumbs = np.asarray(compare, dtype=np.float32)[reps]
+        mae = np.abs(thumbs[a] - thumbs[b]).mean(axis=(1, 2))
+        ok = mae <= config.max_thumbnail_mae
+        a, b, mae = a[ok], b[ok], mae[ok]
+    leader = np.arange(len(reps), dtype=np.int64)  # index into reps
+    if len(a):
+        order = np.lexsort((mae, b))  # by later item, then closest first
+        for first_i, second_i in zip(a[order].tolist(), b[order].tolist(), strict=True):
+            if leader[second_i] != second_i:
+                continue  # already joined a closer leader
+            if leader[first_i] == first_i:  # join kept images only, never a duplicate
+                leader[second_i] = first_i
+    target_of = np.arange(n, dtype=np.int64)
+    target_of[reps] = reps[leader]
+    final = target_of[keep]
+    for i in np.nonzero(final != keep)[0].tolist():
+        kind[i] = kind[i] or "near"
+    return final, kind

@@ -1,0 +1,263 @@
+"""Safe decoding and normalisation: each bad input gets its reason, odd modes their form."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cvops_dagster import decoding
+from cvops_dagster.decoding import DecodeConfig, DecodeFailure, decode_files, decode_image, sniff_format
+
+from tests.unit.rawdata import encode, textured
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid-looking PNG of a few dozen bytes declaring a huge size."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _bad_crc_png() -> bytes:
+    data = bytearray(encode(textured(16, 16, seed=1)))
+    idat = data.index(b"IDAT")
+    data[idat + 8] ^= 0xFF  # a byte of compressed pixel data; the stored CRC no longer matches
+    return bytes(data)
+
+
+def _bad_cases() -> list[tuple[str, bytes, str]]:
+    jpeg = encode(textured(64, 64, seed=2), "JPEG", quality=90)
+    png = encode(textured(64, 64, seed=3))
+    return [
+        ("zero_byte", b"", decoding.REASON_EMPTY),
+        ("text_renamed_png", b"this is a text file, not a picture\n" * 4, decoding.REASON_FORMAT),
+        ("truncated_jpeg", jpeg[: len(jpeg) // 2], decoding.REASON_TRUNCATED),
+        ("truncated_png", png[: len(png) // 2], decoding.REASON_TRUNCATED),
+        ("png_bad_crc", _bad_crc_png(), decoding.REASON_CHECKSUM),
+        ("pixel_bomb", _bomb_png(), decoding.REASON_BOMB),
+        ("pcx_renamed_jpg", encode(textured(16, 16, seed=4), "PCX"), decoding.REASON_FORMAT),
+        ("ppm_renamed_jpg", encode(textured(16, 16, seed=5), "PPM"), decoding.REASON_FORMAT),
+        ("ico_renamed_jpg", encode(textured(16, 16, seed=6), "ICO"), decoding.REASON_FORMAT),
+    ]
+
+
+@pytest.mark.parametrize(("name", "data", "reason"), _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_is_refused_with_its_reason(name: str, data: bytes, reason: str) -> None:
+    with pytest.raises(DecodeFailure) as caught:
+        decode_image(data)
+    assert caught.value.reason == reason, caught.value.detail
+
+
+def test_bomb_pillow_would_accept_is_refused_by_the_lower_limit() -> None:
+    data = encode(Image.new("L", (200, 200), 7))
+    assert decode_image(data).image.size == (200, 200)
+    with pytest.raises(DecodeFailure) as caught:
+        decode_image(data, DecodeConfig(max_pixels=10_000))
+    assert caught.value.reason == decoding.REASON_BOMB
+
+
+def test_truncated_images_flag_is_never_set() -> None:
+    from PIL import ImageFile
+
+    jpeg = encode(textured(64, 64, seed=2), "JPEG")
+    with pytest.raises(DecodeFailure):
+        decode_image(jpeg[:-200])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 8, "PNG"),
+        (b"\xff\xd8\xff\xe0" + b"\0" * 12, "JPEG"),
+        (b"GIF89a" + b"\0" * 10, "GIF"),
+        (b"BM" + b"\0" * 14, "BMP"),
+        (b"II*\x00" + b"\0" * 12, "TIFF"),
+        (b"RIFF\0\0\0\0WEBPVP8 ", "WEBP"),
+        (b"P6\n16 16\n255\n", None),
+        (b"\x0a\x05\x01\x08" + b"\0" * 12, None),
+    ],
+)
+def test_format_comes_from_magic_bytes(head: bytes, expected: str | None) -> None:
+    assert sniff_format(head) == expected
+
+
+def test_extension_is_irrelevant_jpeg_named_png_decodes() -> None:
+    decoded = decode_image(encode(textured(20, 10, seed=7), "JPEG"))
+    assert decoded.format == "JPEG"
+    assert decoded.image.size == (20, 10)
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    cmyk = Image.new("CMYK", (24, 16), (0, 255, 255, 0))  # pure red in CMYK
+    decoded = decode_image(encode(cmyk, "JPEG", quality=95))
+    assert decoded.mode == "CMYK"
+    assert decoded.image.mode == "RGB"
+    red, green, blue = np.asarray(decoded.image).reshape(-1, 3).mean(axis=0)
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_palette_with_transparency_is_composited_on_the_background() -> None:
+    palette_image = Image.new("P", (8, 8), 0)
+    palette_image.putpalette([0, 0, 255] + [255, 0, 0] * 255)
+    palette_image.putpixel((0, 0), 1)
+    data = encode(palette_image, transparency=0)  # index 0 (blue) is transparent
+    decoded = decode_image(data, DecodeConfig(background=(255, 255, 255)))
+    pixels = np.asarray(decoded.image)
+    assert decoded.mode == "P"
+    assert decoded.image.mode == "RGB"
+    assert tuple(pixels[1, 1]) == (255, 255, 255)  # transparent blue -> background
+    assert tuple(pixels[0, 0]) == (255, 0, 0)
+
+
+def test_rgba_is_composited_on_a_fixed_background() -> None:
+    rgba = Image.new("RGBA", (6, 6), (255, 0, 0, 128))
+    decoded = decode_image(encode(rgba), DecodeConfig(background=(255, 255, 255)))
+    assert decoded.mode == "RGBA" and decoded.image.mode == "RGB"
+    red, green, blue = np.asarray(decoded.image)[0, 0]
+    assert red == 255 and 120 <= green <= 135 and green == blue
+
+
+def test_la_becomes_grayscale() -> None:
+    la = Image.merge("LA", [Image.new("L", (5, 5), 40), Image.new("L", (5, 5), 255)])
+    decoded = decode_image(encode(la))
+    assert decoded.image.mode == "L"
+    assert int(np.asarray(decoded.image)[0, 0]) == 40
+
+
+def test_16_bit_ramp_is_scaled_to_256_levels() -> None:
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    source = Image.fromarray(ramp)
+    assert source.mode.startswith("I;16")
+    decoded = decode_image(encode(source))
+    pixels = np.asarray(decoded.image)
+    assert decoded.image.mode == "L"
+    assert len(np.unique(pixels)) == 256  # scaled, not clipped
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+@pytest.mark.parametrize(("orientation", "turns"), [(6, -1), (8, 1)])
+def test_exif_orientation_is_applied(orientation: int, turns: int) -> None:
+    base = textured(40, 20, seed=8, mode="L")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(encode(base, exif=exif.tobytes()))
+    assert decoded.orientation == orientation
+    assert (decoded.width, decoded.height) == (40, 20)  # the stored size is recorded
+    assert decoded.image.size == (20, 40)  # width and height swapped
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.rot90(np.asarray(base), k=turns))
+    assert not decoded.passthrough
+
+
+def test_animated_gif_keeps_the_first_frame() -> None:
+    frames = [Image.new("RGB", (10, 10), (255, 0, 0)), Image.new("RGB", (10, 10), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.animated
+    red, green, blue = np.asarray(decoded.image)[5, 5]
+    assert red > 200 and blue < 50
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "GIF", "WEBP"])
+def test_gray_content_is_L_in_every_lossless_format(fmt: str) -> None:
+    gray = textured(16, 12, seed=9, mode="L")
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = decode_image(encode(gray.convert("RGB") if fmt == "WEBP" else gray, fmt, **params))
+    assert decoded.image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(gray))
+
+
+def test_plain_png_is_its_own_canonical_form() -> None:
+    data = encode(textured(16, 16, seed=10, mode="L"))
+    assert decode_image(data).passthrough
+    assert not decode_image(encode(textured(16, 16, seed=10, mode="L"), "BMP")).passthrough
+
+
+# ------------------------------------------------------------------ worker pool
+
+
+def _write_items(tmp_path, named: dict[str, bytes]) -> list[tuple[str, str]]:
+    items = []
+    for key, data in named.items():
+        path = tmp_path / f"{key}.bin"
+        path.write_bytes(data)
+        items.append((key, str(path)))
+    return items
+
+
+def _faulty(key: str) -> None:
+    if key == "hang":
+        time.sleep(60)
+    if key == "crash":
+        os._exit(7)
+
+
+def test_pool_quarantines_hung_and_crashed_files_and_carries_on(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(decoding, "_ITEM_HOOK", _faulty)  # inherited by forked workers
+    good = {f"good{i}": encode(textured(12, 12, seed=20 + i)) for i in range(10)}
+    named = {**dict(list(good.items())[:5]), "hang": good["good0"], "crash": good["good1"], **dict(list(good.items())[5:])}
+    config = DecodeConfig(start_method="fork", task_timeout_s=1.0, chunk_size=4)
+    started = time.monotonic()
+    frame, phash, compare, stats = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=2)
+    assert time.monotonic() - started < 30
+    by_key = frame.set_index("key")
+    assert by_key.loc["hang", "reason"] == decoding.REASON_TIMEOUT
+    assert by_key.loc["crash", "reason"] == decoding.REASON_CRASH
+    assert "code 7" in by_key.loc["crash", "reason_detail"]
+    assert by_key.loc[list(good), "ok"].all()
+    assert list(frame["key"]) == list(named)  # input order
+    assert stats.timeouts == 1 and stats.crashes == 1
+    assert len(phash) == len(compare) == len(named)
+
+
+def test_pool_memory_limit_quarantines_the_file(tmp_path) -> None:
+    big = encode(Image.new("RGB", (5000, 5000), (10, 20, 30)), compress_level=1)  # 75 MB decoded
+    named = {"big": big, "small": encode(textured(12, 12, seed=30))}
+    config = DecodeConfig(memory_limit_bytes=40 * 1024**2)
+    frame, _, _, _ = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    by_key = frame.set_index("key")
+    assert by_key.loc["big", "reason"] == decoding.REASON_MEMORY
+    assert bool(by_key.loc["small", "ok"])
+
+
+def test_pool_writes_canonical_pngs_named_by_their_hash(tmp_path) -> None:
+    import hashlib
+
+    named = {"a": encode(textured(12, 12, seed=31), "BMP"), "b": encode(textured(12, 12, seed=32, mode="L"))}
+    config = DecodeConfig(start_method="forkserver")  # the other start method works too
+    frame, _, _, _ = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    assert frame["ok"].all()
+    for sha in frame["canonical_sha"]:
+        data = (tmp_path / "out" / f"{sha}.png").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha
+        assert Image.open(io.BytesIO(data)).mode in ("L", "RGB")
+
+
+def test_worker_hanging_at_start_is_replaced_without_blaming_a_file(tmp_path, monkeypatch) -> None:
+    flag = tmp_path / "hung-once"
+    real_init = decoding._init_worker
+
+    def hang_first_time(config: DecodeConfig) -> None:
+        if not flag.exists():
+            flag.write_text("x")
+            time.sleep(60)
+        real_init(config)
+
+    monkeypatch.setattr(decoding, "_init_worker", hang_first_time)  # inherited by forked workers
+    named = {f"f{i}": encode(textured(10, 10, seed=40 + i)) for i in range(5)}
+    config = DecodeConfig(start_method="fork", task_timeout_s=1.0)
+    frame, _, _, stats = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    assert frame["ok"].all()
+    assert stats.crashes == 1 and stats.restarts == 1
