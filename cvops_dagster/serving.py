@@ -1,0 +1,141 @@
+"""The champion turned into serving runtimes: ONNX FP32 with parity, and a gated INT8 variant."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cvops_dagster.export import ExportResult, ParityReport, check_parity, export_onnx
+from cvops_dagster.model_store import card_input_spec, load_model
+from cvops_dagster.preprocessing import preprocess
+from cvops_dagster.quantization import Int8Decision, build_int8_runtime
+from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.training_data import load_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeBuild:
+    """What :func:`build_runtimes` produced for one model."""
+
+    model_id: str
+    dataset_version: str
+    export: ExportResult
+    parity: ParityReport
+    int8: Int8Decision
+
+    def summary(self) -> dict[str, Any]:
+        """The figures ``cvops status --json`` reports under ``onnx_runtime``."""
+        return {
+            "model_id": self.model_id,
+            "dataset_version": self.dataset_version,
+            "path": self.export.uri,
+            "sha256": self.export.sha256,
+            "opset": self.export.opset,
+            "parity_max_abs_diff": self.parity.max_abs_diff,
+            "parity_argmax_agreement": self.parity.argmax_agreement,
+            "parity_samples": self.parity.n,
+            "parity_passed": self.parity.passed,
+            "int8": {
+                "accepted": self.int8.accepted,
+                "reason": self.int8.reason,
+                "test_accuracy": self.int8.test_accuracy,
+                "path": self.int8.path,
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "export": self.export.to_dict(), "parity": self.parity.to_dict(), "int8_decision": asdict(self.int8)}
+
+
+@contextmanager
+def local_copy(storage: ArtifactStorage, key: str) -> Iterator[Path]:
+    """A local path for ``key``: the file itself when storage is local, else a temporary copy."""
+    path = storage.local_path(key)
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="cvops-runtime-") as folder:
+        copy = Path(folder) / Path(key).name
+        copy.write_bytes(storage.read_bytes(key))
+        yield copy
+
+
+def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str | None = None) -> RuntimeBuild:
+    """Export ``model_id`` to ONNX, check parity on the test split, and gate an INT8 variant.
+
+    Args:
+        storage: artifact store with the model and its dataset.
+        model_id: the model to export (normally the production champion).
+        dataset_version: dataset whose test split checks parity and INT8 accuracy
+            (default: the one in the model card).
+    """
+    model, card = load_model(storage, model_id)
+    version = dataset_version or card["dataset_version"]
+    data = load_dataset(storage, version)
+    spec = card_input_spec(card)
+    exported = export_onnx(
+        model,
+        {"labels": card["labels"], "input_spec": spec, "dataset_version": version, "model_hash": card["weights_sha256"]},
+        storage,
+        model_id,
+    )
+    test = data.splits["test"] if len(data.splits["test"]) else data.splits["val"]
+    with local_copy(storage, exported.key) as path:
+        parity = check_parity(model, path, preprocess(test.images, spec))
+    labels = [data.labels[int(t)] for t in test.targets]
+    int8 = build_int8_runtime(
+        storage,
+        model_id,
+        calibration_images=data.splits["train"].images[:512],
+        test_images=test.images,
+        test_labels=labels,
+        fp32_key=exported.key,
+    )
+    logger.info("runtime %s: parity %s, int8 %s", exported.uri, parity.passed, "kept" if int8.accepted else "rejected")
+    return RuntimeBuild(model_id, version, exported, parity, int8)
+
+
+def production_runtime_key(storage: ArtifactStorage, int8: bool = False) -> str:
+    """Key of the production champion's runtime file.
+
+    Raises:
+        FileNotFoundError: there is no champion, or its runtime was not built yet.
+    """
+    from cvops_dagster.promotion import current_champion
+
+    champion = current_champion(storage)
+    if champion is None:
+        raise FileNotFoundError("no production model yet (run `cvops run` first)")
+    key = f"runtimes/{champion['model_id']}/model{'.int8' if int8 else ''}.onnx"
+    if not storage.exists(key):
+        what = "an accepted INT8 runtime" if int8 else "an ONNX runtime"
+        raise FileNotFoundError(f"production model {champion['model_id']} has no {what} ({storage.uri(key)})")
+    return key
+
+
+def benchmark_production_runtime(storage: ArtifactStorage, threads: int | None = None) -> dict[str, Any]:
+    """``cvops bench runtime`` on the production model: PyTorch eager vs ORT FP32 vs INT8."""
+    from cvops_dagster.promotion import current_champion
+    from cvops_dagster.runtime_bench import run_runtime_benchmark
+
+    fp32_key = production_runtime_key(storage)
+    champion = current_champion(storage)
+    assert champion is not None
+    model, card = load_model(storage, champion["model_id"])
+    data = load_dataset(storage, champion.get("dataset_version") or card["dataset_version"])
+    inputs = preprocess(data.splits["test"].images or data.splits["train"].images, card_input_spec(card))
+    int8_key = f"runtimes/{champion['model_id']}/model.int8.onnx"
+    with local_copy(storage, fp32_key) as fp32_path:
+        if storage.exists(int8_key):
+            with local_copy(storage, int8_key) as int8_path:
+                figures = run_runtime_benchmark(model, fp32_path, int8_path, inputs, threads=threads)
+        else:
+            figures = run_runtime_benchmark(model, fp32_path, None, inputs, threads=threads)
+    return {"model_id": champion["model_id"], **figures}
