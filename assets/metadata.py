@@ -27,3 +27,16 @@ def table(frame: pd.DataFrame, limit: int = 20) -> MetadataValue:
 
 def json_value(obj: Any) -> MetadataValue:
     return MetadataValue.json(obj)
+
+
+def latest_figure(context, asset: str, name: str):  # noqa: ANN001, ANN201 - context is any Dagster context
+    """A figure from an asset's latest materialization metadata (how stages hand over ids)."""
+    from dagster import AssetKey
+
+    event = context.instance.get_latest_materialization_event(AssetKey(asset))
+    if event is None:
+        raise ValueError(f"{asset} has not been materialized yet")
+    value = event.asset_materialization.metadata.get(name)
+    if value is None:
+        raise ValueError(f"{asset}'s latest materialization has no {name!r}")
+    return value.value

@@ -130,26 +130,32 @@ class _Progress:
             ev = event.event_specific_data
             print(f"  {elapsed:6.1f}s  check {ev.check_name}: {'passed' if ev.passed else 'FAILED'}", flush=True)
         elif name == "STEP_FAILURE":
-            error = event.event_specific_data.error
-            message = error.message.strip().splitlines()[-1] if error else "unknown error"
+            message = _root_cause(event.event_specific_data.error)
             print(f"  {elapsed:6.1f}s  FAILED {event.step_key}: {message}", flush=True)
         elif name == "STEP_START":
             print(f"  {elapsed:6.1f}s  started {event.step_key}", flush=True)
 
 
-_QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Progress comes from _Progress; failures are summarised by _root_cause and the full
+# traceback stays in the run's event log (cvops ui).
+_QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def _root_cause(error: Any) -> str:
+    """The innermost error of a step failure, in one line."""
+    if error is None:
+        return "unknown error"
+    while error.cause is not None:
+        error = error.cause
+    lines = [line for line in error.message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else error.cls_name or "unknown error"
 
 
 def _failure_message(result: Any) -> str:
     failures = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error
-            cause = error
-            while cause is not None and cause.cause is not None:
-                cause = cause.cause
-            text = (cause or error).message.strip() if error else "unknown error"
-            failures.append(f"{event.step_key}: {text}")
+            failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data.error)}")
     return "; ".join(failures) or "run failed"
 
 
@@ -204,7 +210,9 @@ def run_lifecycle(select: str | None = None, echo: Callable[[str], None] = print
             )
         summary["runs"].append(result.run_id)
         if not result.success:
-            raise CvopsError(f"lifecycle run failed: {_failure_message(result)} (run {result.run_id})")
+            raise CvopsError(
+                f"lifecycle run failed: {_failure_message(result)} (run {result.run_id}; `cvops ui` shows its full log)"
+            )
     return summary
 
 
@@ -331,6 +339,90 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+# --------------------------------------------------------------------------- bench, predict, rollback
+
+
+def _storage():  # noqa: ANN202 - ArtifactStorage, imported lazily
+    from cvops_dagster.storage import ArtifactStorage
+
+    return ArtifactStorage(settings.normalize_root(settings.artifact_root()), endpoint_url=settings.s3_endpoint_url())
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    settings.disable_telemetry()
+    if args.name == "cleaning":
+        from cvops_dagster.cleaning_bench import run_cleaning_benchmark
+
+        figures = run_cleaning_benchmark(scale=args.scale, repeats=args.repeats)
+    elif args.name == "training":
+        from cvops_dagster.training_bench import run_training_benchmark
+
+        figures = run_training_benchmark()
+    else:
+        from cvops_dagster.serving import benchmark_production_runtime
+
+        try:
+            figures = benchmark_production_runtime(_storage())
+        except FileNotFoundError as exc:
+            if not args.allow_synthetic:
+                raise CvopsError(f"{exc}; or pass --allow-synthetic to time a generated model of the default architecture") from exc
+            from cvops_dagster.runtime_bench import run_default_runtime_benchmark
+
+            figures = {"model_id": None, **run_default_runtime_benchmark()}
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True, default=str))
+    else:
+        for name, value in figures.items():
+            print(f"{name:45s} {value:.4g}" if isinstance(value, float) else f"{name:45s} {value}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cvops_dagster.runtime import ImageLoadError, RuntimeModelError, predict_paths
+    from cvops_dagster.serving import local_copy, production_runtime_key
+
+    storage = _storage()
+    try:
+        key = production_runtime_key(storage, int8=args.int8)
+    except FileNotFoundError as exc:
+        raise CvopsError(str(exc)) from exc
+    try:
+        with local_copy(storage, key) as path:
+            predictions = predict_paths(path, args.paths)
+    except (ImageLoadError, RuntimeModelError) as exc:
+        raise CvopsError(str(exc)) from exc
+    if args.json:
+        print(json.dumps([p.to_dict() for p in predictions], indent=2))
+    else:
+        for p in predictions:
+            print(f"{p.path}\t{p.label}\t{p.confidence:.4f}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from cvops_dagster.promotion import rollback
+
+    instance, _ = _load()
+    from dagster import AssetMaterialization
+
+    try:
+        summary = rollback(_storage())
+    except ValueError as exc:
+        raise CvopsError(str(exc)) from exc
+    # Record the change on production_model so the UI and `cvops status` show the restored champion.
+    instance.report_runtime_event(
+        AssetMaterialization(
+            asset_key="production_model",
+            description="cvops rollback",
+            metadata={**{k: v for k, v in summary.items() if v is not None}, "promoted": False, "reason": "rollback"},
+        )
+    )
+    print(f"production model is now {summary['model_id']} (test accuracy {summary['test_accuracy']})")
+    if not args.no_export:
+        run_lifecycle("onnx_runtime")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -372,13 +464,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")
+    add_roots(p)
+    p.add_argument("name", choices=["cleaning", "training", "runtime"])
+    p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
+    p.add_argument("--scale", type=int, default=1, help="cleaning: 10 re-encodes the sample into a 10x larger set")
+    p.add_argument("--repeats", type=int, default=3, help="cleaning: timed repeats (best is kept)")
+    p.add_argument(
+        "--allow-synthetic",
+        action="store_true",
+        help="runtime: without a production model, time a generated model of the default architecture",
+    )
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("predict", help="label and confidence per image, with the production ONNX runtime")
+    add_roots(p)
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--int8", action="store_true", help="use the INT8 runtime (when it was accepted)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("rollback", help="restore the previous production model (and rebuild its runtime)")
+    add_roots(p)
+    p.add_argument("--no-export", action="store_true", help="do not rebuild onnx_runtime for the restored model")
+    p.set_defaults(func=cmd_rollback)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (Lightning tips, GX temp folders, Optuna trial lines) off the terminal."""
+    import lightning.pytorch  # noqa: F401 - it sets its loggers to INFO on import; override after
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "great_expectations", "optuna", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("OPTUNA_VERBOSITY", "WARNING")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.command in ("run", "demo", "bench"):
+        _quiet_libraries()
     _apply_overrides(args)
     try:
         return int(args.func(args) or 0)

@@ -8,12 +8,16 @@ from cvops_dagster.settings import disable_telemetry
 
 disable_telemetry()
 
+import assets.datasets  # noqa: E402
+import assets.export  # noqa: E402
 import assets.ingestion  # noqa: E402
+import assets.training  # noqa: E402
 from assets.partitions import image_batches  # noqa: E402
 from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
+from resources.tuning import optuna_storage_from_env  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
 
-ASSET_MODULES = [assets.ingestion]
+ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.export]
 
 ingest_job = define_asset_job(
     "ingest_job",
@@ -38,6 +42,7 @@ def build_definitions() -> Definitions:
         resources={
             "artifact_store": artifact_store_from_env(),
             "image_source": image_source_from_env(),
+            "optuna_storage": optuna_storage_from_env(),
         },
     )
 

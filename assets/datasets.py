@@ -1,0 +1,97 @@
+"""cleaned_dataset: every ingested batch decoded, normalised, deduplicated, validated and split."""
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+from pydantic import Field
+
+from assets.metadata import json_value, table
+from cvops_dagster.cleaning import CleaningConfig, clean_dataset
+from cvops_dagster.ingestion import read_raw_manifests
+from cvops_dagster.validation import ValidationConfig, validate_dataset
+from resources.storage import ArtifactStore
+
+CHECK_EXPECTATIONS = "check_cleaned_dataset_expectations"
+
+
+class CleanedDatasetConfig(Config):
+    """Run-time settings of cleaning and of the expectation suite."""
+
+    workers: int | None = Field(default=None, description="decode worker processes (default: one per core)")
+    mode: str | None = Field(default=None, description='force "L" or "RGB" instead of the colour-fraction rule')
+    min_class_count: int = Field(default=5, description="clean samples every class needs")
+    min_class_ratio: float = Field(default=0.2, description="smallest class over largest class")
+
+
+@asset(
+    deps=["raw_images"],
+    group_name="datasets",
+    kinds={"python", "parquet", "great_expectations"},
+    code_version="1",
+    check_specs=[
+        AssetCheckSpec(
+            CHECK_EXPECTATIONS,
+            asset="cleaned_dataset",
+            blocking=True,
+            description="Great Expectations suite over the image-metadata table; a failure stops training.",
+        )
+    ],
+    description="One dataset version from every ingested batch: safe decoding in worker processes, canonical "
+    "PNGs, exact and near duplicates, quarantine with reasons, stable hash-based splits.",
+)
+def cleaned_dataset(
+    context: AssetExecutionContext, config: CleanedDatasetConfig, artifact_store: ArtifactStore
+) -> MaterializeResult:
+    batches = sorted(context.instance.get_materialized_partitions(AssetKey("raw_images")))
+    raw = read_raw_manifests(artifact_store.storage, batch_ids=batches)
+    result = clean_dataset(artifact_store.storage, raw, CleaningConfig(mode=config.mode), workers=config.workers)
+    report = validate_dataset(
+        result.manifest,
+        ValidationConfig(min_class_count=config.min_class_count, min_class_ratio=config.min_class_ratio),
+    )
+    summary = result.summary()
+    context.log.info(f"dataset {result.version}: {summary['clean']} clean of {summary['input']}")
+    failed = [
+        {"expectation": r.expectation, "table": r.table, "column": r.column, "observed": r.observed_value, "examples": r.examples}
+        for r in report.failed
+    ]
+    return MaterializeResult(
+        metadata={
+            "version": result.version,
+            "batches": json_value(batches),
+            "input": summary["input"],
+            "clean": summary["clean"],
+            "duplicates": summary["duplicates"],
+            "quarantined": summary["quarantined"],
+            "quarantine_reasons": json_value(summary["quarantine_reasons"]),
+            "splits": json_value(summary["splits"]),
+            "classes": json_value(summary["classes"]),
+            "mode": result.mode,
+            "image_size": json_value(result.dataset_info.get("image_size")),
+            "gx_success": report.success,
+            "gx_statistics": json_value(report.statistics),
+            "quarantine_examples": table(result.quarantine_examples, limit=50),
+            "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
+            "decode_seconds": float(result.timings.get("decode_s", 0.0)),
+        },
+        check_results=[
+            AssetCheckResult(
+                check_name=CHECK_EXPECTATIONS,
+                passed=report.success,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={
+                    "evaluated": report.statistics["evaluated_expectations"],
+                    "failed": len(report.failed),
+                    "failing_expectations": json_value(failed),
+                },
+            )
+        ],
+    )
