@@ -13,6 +13,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import json_value, table
 from cvops_dagster.cleaning import CleaningConfig, clean_dataset
 from cvops_dagster.ingestion import read_raw_manifests
@@ -36,6 +37,7 @@ class CleanedDatasetConfig(Config):
     group_name="datasets",
     kinds={"python", "parquet", "great_expectations"},
     code_version="1",
+    automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
             CHECK_EXPECTATIONS,

@@ -4,6 +4,7 @@ import json
 
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import json_value
 from cvops_dagster.promotion import current_champion
 from cvops_dagster.serving import build_runtimes
@@ -17,6 +18,7 @@ CHECK_PARITY = "check_onnx_runtime_parity"
     group_name="serving",
     kinds={"onnx"},
     code_version="1",
+    automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
             CHECK_PARITY,

@@ -34,12 +34,15 @@ from resources.storage import ArtifactStore, ImageSource
 def raw_images(
     context: AssetExecutionContext, image_source: ImageSource, artifact_store: ArtifactStore
 ) -> MaterializeResult:
-    result = ingest_batch(image_source.landing(), artifact_store.storage, context.partition_key)
+    landing = image_source.landing()
+    fingerprint = landing.fingerprint(context.partition_key)
+    result = ingest_batch(landing, artifact_store.storage, context.partition_key)
     summary = result.summary()
     context.log.info(f"batch {result.batch_id}: {result.files} files, {result.rejected} rejected")
     return MaterializeResult(
         metadata={
             "files": result.files,
+            "fingerprint": fingerprint,
             "bytes": result.bytes_ingested,
             "rejected": result.rejected,
             "rejected_reasons": json_value(summary["rejected_reasons"]),

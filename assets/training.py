@@ -11,6 +11,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import json_value, latest_figure, png_markdown, table
 from cvops_dagster.promotion import PromotionConfig, promote_if_better, promotion_history
 from cvops_dagster.training import TrainConfig, train_model
@@ -38,6 +39,7 @@ class HpoStudyConfig(Config):
     kinds={"optuna", "pytorch"},
     pool="training",
     code_version="1",
+    automation_condition=ON_UPSTREAM_UPDATE,
     description="An Optuna study per dataset version (seeded TPE, successive halving fed by Lightning), "
     "persisted so a re-run resumes it.",
 )
@@ -83,6 +85,7 @@ class TrainedModelConfig(Config):
     kinds={"pytorch", "safetensors"},
     pool="training",
     code_version="1",
+    automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
             CHECK_ACCURACY_FLOOR,
@@ -140,6 +143,7 @@ class ProductionModelConfig(Config):
     group_name="training",
     kinds={"python"},
     code_version="1",
+    automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
             CHECK_NO_REGRESSION,

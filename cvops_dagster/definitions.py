@@ -15,6 +15,7 @@ import assets.training  # noqa: E402
 from assets.partitions import image_batches  # noqa: E402
 from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
 from resources.tuning import optuna_storage_from_env  # noqa: E402
+from sensors.automation import asset_update_sensor  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
 
 ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.export]
@@ -38,7 +39,7 @@ def build_definitions() -> Definitions:
         assets=load_assets_from_modules(ASSET_MODULES),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
         jobs=[ingest_job, lifecycle_job],
-        sensors=[image_batches_sensor],
+        sensors=[image_batches_sensor, asset_update_sensor],
         resources={
             "artifact_store": artifact_store_from_env(),
             "image_source": image_source_from_env(),

@@ -23,15 +23,15 @@ SAMPLE_SIZE = 32
 SAMPLE_BATCHES = ("batch_001", "batch_002", "batch_003")
 
 
-def digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """The digits as uint8 32x32 arrays and their integer labels."""
+def digit_images(size: int = SAMPLE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The digits as uint8 ``size`` x ``size`` arrays and their integer labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = []
     for raw in digits.images:
         small = Image.fromarray(np.clip(raw * (255.0 / 16.0), 0, 255).astype(np.uint8), mode="L")
-        images.append(np.asarray(small.resize((SAMPLE_SIZE, SAMPLE_SIZE), Image.Resampling.BICUBIC)))
+        images.append(np.asarray(small.resize((size, size), Image.Resampling.BICUBIC)))
     return np.stack(images), digits.target.astype(int)
 
 

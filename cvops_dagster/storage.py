@@ -98,12 +98,14 @@ class ArtifactStorage:
         if not self.fs.exists(base):
             return []
         found = self.fs.find(base)
-        base_no_proto = self._base.rstrip("/") + "/"
+        # Backends differ on a leading "/" (memory:// adds one, s3 has none): compare without it.
+        base_no_proto = self._base.strip("/") + "/"
         keys = []
         for path in found:
             path = str(path)
             if "://" in path:
                 path = path.split("://", 1)[1]
+            path = path.lstrip("/")
             if path.startswith(base_no_proto):
                 key = path[len(base_no_proto):]
                 if "/.tmp-" not in f"/{key}" and not key.split("/")[-1].startswith(".tmp-"):

@@ -17,25 +17,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cvops_dagster.sample_data import digit_images
+from cvops_dagster.splits import assign_split
 from cvops_dagster.storage import ArtifactStorage
 
 
-def hash_split(sample_id: str) -> str:
-    """Deterministic 80/10/10 split from a content hash."""
-    bucket = int(sample_id[:8], 16) % 10
-    return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
-
-
 def digits_images(size: int = 32) -> tuple[list[Image.Image], list[str]]:
-    """scikit-learn's 1,797 bundled 8x8 digits, scaled to 0..255 and resized to ``size``."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = []
-    for pixels in digits.images:
-        small = Image.fromarray(np.clip(pixels * (255.0 / 16.0), 0, 255).round().astype(np.uint8), mode="L")
-        images.append(small.resize((size, size), Image.Resampling.BILINEAR))
-    return images, [str(int(t)) for t in digits.target]
+    """The product's bundled sample digits (see :mod:`cvops_dagster.sample_data`) as PIL images."""
+    arrays, targets = digit_images(size)
+    return [Image.fromarray(a, mode="L") for a in arrays], [str(int(t)) for t in targets]
 
 
 def write_cleaned_dataset(
@@ -78,7 +68,7 @@ def write_cleaned_dataset(
                 "outcome": "duplicate" if duplicate else "clean",
                 "reason": "exact" if duplicate else None,
                 "alias_of": sample_id if duplicate else None,
-                "split": None if duplicate else hash_split(sample_id),
+                "split": None if duplicate else assign_split(sample_id, str(label)),
                 "image_key": None if duplicate else key,
                 "format": "PNG",
                 "mode": mode,

@@ -70,3 +70,46 @@ def test_landing_and_artifacts_flags_override_environment(tmp_path: Path) -> Non
     cvops("run", "--select", "raw_images", "--landing", str(tmp_path / "in"), "--artifacts", str(tmp_path / "art"), cwd=tmp_path, env=env)
     assert (tmp_path / "art" / "manifests" / "raw" / "batch_002.parquet").exists()
     assert not (tmp_path / "wrong-art").exists()
+
+
+@pytest.mark.slow
+def test_demo_meets_the_quality_bar_and_predict_matches(tmp_path: Path) -> None:
+    """`cvops demo` on the bundled digits with the default budget, then `cvops predict`."""
+    import pandas as pd
+
+    from cvops_dagster.runtime import Predictor
+    from cvops_dagster.storage import ArtifactStorage
+
+    out = cvops("demo", cwd=tmp_path)
+    assert "UI:" in out.stdout and "artifacts:" in out.stdout
+    status = json.loads(cvops("status", "--json", cwd=tmp_path).stdout)
+    cleaned, trained, production, runtime = (
+        status[k] for k in ("cleaned_dataset", "trained_model", "production_model", "onnx_runtime")
+    )
+    assert cleaned["input"] == 1797 and cleaned["clean"] + cleaned["duplicates"] + cleaned["quarantined"] == 1797
+    assert sum(cleaned["splits"].values()) == cleaned["clean"]
+    assert set(cleaned["classes"]) == {str(d) for d in range(10)}
+    # The issue's quality bar: >= 0.985 and at least the scikit-learn baseline on the same split.
+    assert trained["test_accuracy"] >= 0.985
+    assert trained["test_accuracy"] >= trained["baseline_accuracy"]
+    assert trained["dataset_version"] == cleaned["version"]
+    assert production["model_id"] == trained["model_id"] and production["promoted_at"]
+    assert runtime["parity_max_abs_diff"] <= 1e-4 and runtime["parity_argmax_agreement"] >= 0.999
+
+    # cvops predict on the original files of the test split == the runtime on the canonical images.
+    store = ArtifactStorage(str(tmp_path / ".cvops"))
+    manifest = store.read_parquet(f"datasets/{cleaned['version']}/manifest.parquet")
+    test = manifest[(manifest["outcome"] == "clean") & (manifest["split"] == "test")].head(40)
+    files = [str(tmp_path / "landing" / b / p) for b, p in zip(test["batch_id"], test["path"], strict=True)]
+    printed = json.loads(cvops("predict", "--json", *files, cwd=tmp_path).stdout)
+    predictor = Predictor(runtime["path"])
+    from PIL import Image
+
+    expected = predictor.predict([Image.open(store.local_path(k)) for k in test["image_key"]])
+    assert [p["label"] for p in printed] == list(expected.labels)
+    assert [round(p["confidence"], 5) for p in printed] == [round(float(c), 5) for c in expected.confidences]
+    assert (pd.Series([p["label"] for p in printed]) == test["label"].reset_index(drop=True)).mean() >= 0.9
+
+    # One champion only: rollback refuses with a clear message.
+    refused = cvops("rollback", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "no previous champion" in refused.stderr

@@ -20,9 +20,22 @@ def test_definitions_load() -> None:
 def test_expected_assets_checks_and_sensors() -> None:
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"raw_images"} <= keys
+    assert keys == {"raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime"}
     check_names = {k.name for k in graph.asset_check_keys}
-    assert "check_raw_images_not_empty" in check_names
+    assert check_names == {
+        "check_raw_images_not_empty",
+        "check_cleaned_dataset_expectations",
+        "check_trained_model_accuracy_floor",
+        "check_production_model_no_regression",
+        "check_onnx_runtime_parity",
+    }
+    for key in graph.asset_check_keys:
+        if key.name != "check_raw_images_not_empty":
+            assert graph.get_check_spec(key).blocking, key.name
+    for name in keys - {"raw_images"}:
+        assert graph.get(AssetKey(name)).automation_condition is not None, name
+    assert graph.get(AssetKey("trained_model")).pools == {"training"}
+    assert defs.resolve_sensor_def("asset_update_sensor").default_status.value == "RUNNING"
     assert all(name.startswith("check_") for name in check_names)
     sensor = defs.resolve_sensor_def("image_batches_sensor")
     assert sensor.default_status.value == "RUNNING"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dagster import SensorResult, SkipReason, build_sensor_context, instance_for_test
+from dagster import SensorResult, build_sensor_context, instance_for_test, materialize
 
 from resources.storage import ImageSource
 from sensors.batches import image_batches_sensor
@@ -40,11 +40,12 @@ def test_new_batch_then_nothing_then_incomplete(tmp_path: Path) -> None:
         # The daemon applies partition requests; do the same before the next tick.
         instance.add_dynamic_partitions("image_batches", ["b1"])
         second = tick(instance, tmp_path, first.cursor)
-        assert isinstance(second, SkipReason)
+        assert second.run_requests == [] and second.dynamic_partitions_requests == []
+        assert second.skip_reason is not None
 
         make_batch(tmp_path, "b2", ready=False)
         third = tick(instance, tmp_path, first.cursor)
-        assert isinstance(third, SkipReason)
+        assert third.run_requests == [] and third.dynamic_partitions_requests == []
 
         (tmp_path / "b2" / "_READY").write_text("")
         fourth = tick(instance, tmp_path, first.cursor)
@@ -62,3 +63,26 @@ def test_changed_batch_is_requested_again_without_new_partition(tmp_path: Path) 
         assert [r.partition_key for r in again.run_requests] == ["b1"]
         assert again.run_requests[0].run_key != first.run_requests[0].run_key
         assert again.dynamic_partitions_requests == []
+
+
+def test_batch_already_ingested_elsewhere_is_not_requested_again(tmp_path: Path) -> None:
+    from assets.ingestion import raw_images
+    from resources.storage import ArtifactStore
+
+    landing = tmp_path / "landing"
+    make_batch(landing, "b1")
+    with instance_for_test() as instance:
+        # `cvops run` ingested b1 before the sensor ever ran (empty cursor).
+        instance.add_dynamic_partitions("image_batches", ["b1"])
+        materialize(
+            [raw_images],
+            instance=instance,
+            partition_key="b1",
+            resources={"image_source": ImageSource(root=str(landing)), "artifact_store": ArtifactStore(root=str(tmp_path / "a"))},
+        )
+        result = tick(instance, landing, None)
+        assert result.run_requests == []
+        assert set(json.loads(result.cursor)) == {"b1"}
+        make_batch(landing, "b1", files=3)
+        changed = tick(instance, landing, result.cursor)
+        assert [r.partition_key for r in changed.run_requests] == ["b1"]

@@ -58,3 +58,12 @@ def test_content_addressed_writes_once(store: ArtifactStorage) -> None:
 def test_keys_cannot_leave_the_root(store: ArtifactStorage, key: str) -> None:
     with pytest.raises(ValueError):
         store.write_bytes(key, b"x")
+
+
+def test_memory_backend_lists_like_local() -> None:
+    # fsspec's memory filesystem reports paths with a leading "/"; listing must still work.
+    store = ArtifactStorage("memory://cvops-test-list")
+    store.write_bytes("a/b.bin", b"1")
+    store.write_bytes("c.bin", b"2")
+    assert store.list() == ["a/b.bin", "c.bin"]
+    assert store.list("a") == ["a/b.bin"]
