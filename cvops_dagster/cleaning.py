@@ -22,6 +22,7 @@ Pillow's luma). The rule is recorded in dataset.json.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import time
@@ -44,7 +45,7 @@ from cvops_dagster.decoding import (
     encode_png,
 )
 from cvops_dagster.duplicates import NearDuplicateConfig, find_duplicates
-from cvops_dagster.splits import SPLITS, SplitConfig, assign_split, dataset_version
+from cvops_dagster.splits import SPLITS, SplitConfig, assign_splits, dataset_version
 from cvops_dagster.storage import ArtifactStorage
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 REASON_NO_LABEL = "no_label"
 REASON_LABEL_CONFLICT = "label_conflict"
 CANONICAL_PREFIX = "canonical"
+IMAGES_PREFIX = "images"
 OUTCOMES: tuple[str, ...] = ("clean", "duplicate", "quarantined")
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -166,6 +168,27 @@ class CleaningResult:
         }
 
 
+# Decoded images up to this size that are not canonical PNGs already come back from the
+# workers as pixels and are encoded here only if they end up clean (duplicates never need a
+# canonical file). Larger ones are encoded by the workers, in parallel.
+_KEEP_PIXELS_BYTES = 64 * 64 * 3
+
+
+_BAD_KEY = r"^$|^/|//|/$|\\|(?:^|/)\.\.?(?:/|$)"
+
+
+def _present(values: pd.Series) -> np.ndarray:
+    """Per entry: not missing and not blank text (vectorised :func:`_is_blank`)."""
+    present = values.notna().to_numpy(dtype=bool).copy()
+    if present.any():
+        present[present] = values[present].astype(str).str.strip().ne("").to_numpy(dtype=bool)
+    return present
+
+
+def _floats(values: Any) -> np.ndarray:
+    return pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+
+
 def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or pd.isna(value) or not str(value).strip()
 
@@ -176,9 +199,10 @@ def _stage_inputs(
     """Local paths for the raw files and the folder workers write canonical PNGs into."""
     if storage.is_local:
         root = str(storage.local_path(CANONICAL_PREFIX))[: -len(CANONICAL_PREFIX)]
-        for key in keys:  # the storage's own key rule, without a Path per key
-            if key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):
-                raise ValueError(f"invalid artifact key {key!r}")
+        # The storage's own key rule (see ArtifactStorage._path), checked for all keys at once.
+        bad = pd.Series(keys, dtype=object).astype(str).str.contains(_BAD_KEY, regex=True)
+        if bad.any():
+            raise ValueError(f"invalid artifact key {keys[int(np.flatnonzero(bad.to_numpy())[0])]!r}")
         items = [(key, root + key) for key in keys]
         out_dir = storage.local_path(CANONICAL_PREFIX)
         assert out_dir is not None
@@ -196,13 +220,68 @@ def _stage_inputs(
     return items, scratch / CANONICAL_PREFIX
 
 
-def _convert_canonical(
-    storage: ArtifactStorage, out_dir: Path, sha: str, mode: str, compress_level: int
-) -> tuple[str, str]:
-    """Convert one canonical PNG to the dataset mode; return (new sha, key)."""
-    with Image.open(out_dir / f"{sha}.png", formats=["PNG"]) as image:
-        converted = image.convert(mode)
-    return storage.write_content_addressed(CANONICAL_PREFIX, encode_png(converted, compress_level), "png")
+def _canonical_images(
+    storage: ArtifactStorage,
+    config: CleaningConfig,
+    mode: str,
+    out_dir: Path,
+    clean_rows: np.ndarray,
+    decoded: pd.DataFrame,
+    safe_row: np.ndarray,
+    raw_keys: np.ndarray,
+    modes: np.ndarray,
+    channels: Any,
+) -> tuple[np.ndarray, np.ndarray, Any, int]:
+    """The canonical PNG key of every clean record, written where it does not exist yet.
+
+    A raw file that already is a canonical PNG in the dataset mode (decoding reports it as
+    ``passthrough``) is its own canonical image: both are content addressed by the sha256
+    of the same bytes, so its raw key ``images/<sha256>.png`` is used as is. Other images
+    are encoded (here from the pixels the workers returned, or by the workers for large
+    images) and stored as ``canonical/<sha256>.png``.
+
+    Returns:
+        ``(image_key, canonical_mode, channels, converted)`` per record (``None`` for
+        records that are not clean) and the number of images converted to ``mode``.
+    """
+    n = len(raw_keys)
+    image_key = np.full(n, None, dtype=object)
+    canonical_mode = modes.copy()
+    rows = safe_row[clean_rows]
+    shas = decoded["canonical_sha"].to_numpy(dtype=object, na_value=None)[rows]
+    passthrough = decoded["passthrough"].to_numpy(dtype=bool, na_value=False)[rows]
+    pixels = decoded["pixels"].to_numpy(dtype=object)[rows]
+    level = config.decode.png_compress_level
+    converted = 0
+    for position, index in enumerate(clean_rows.tolist()):
+        sha = shas[position]
+        raw_key = raw_keys[index]
+        if modes[index] != mode:
+            if pixels[position] is not None:
+                source = Image.fromarray(pixels[position])
+            elif passthrough[position]:
+                source = Image.open(io.BytesIO(storage.read_bytes(raw_key)), formats=["PNG"])
+            else:
+                source = Image.open(out_dir / f"{sha}.png", formats=["PNG"])
+            with source:
+                data = encode_png(source.convert(mode), level)
+            _, key = storage.write_content_addressed(CANONICAL_PREFIX, data, "png")
+            converted += 1
+            canonical_mode[index] = mode
+            channels[index] = 3 if mode == "RGB" else 1
+        elif passthrough[position]:
+            key = raw_key if raw_key == f"{IMAGES_PREFIX}/{sha}.png" else None
+            if key is None:  # canonical bytes stored under another extension
+                _, key = storage.write_content_addressed(CANONICAL_PREFIX, storage.read_bytes(raw_key), "png")
+        elif pixels[position] is not None:
+            data = encode_png(Image.fromarray(pixels[position]), level)
+            _, key = storage.write_content_addressed(CANONICAL_PREFIX, data, "png")
+        else:
+            key = f"{CANONICAL_PREFIX}/{sha}.png"
+            if not storage.is_local:
+                storage.write_bytes(key, (out_dir / f"{sha}.png").read_bytes())
+        image_key[index] = key
+    return image_key, canonical_mode, channels, converted
 
 
 def check_accounting(manifest: pd.DataFrame, input_records: pd.Series | list[str]) -> dict[str, int]:
@@ -271,10 +350,11 @@ def clean_dataset(
 ) -> CleaningResult:
     """Clean every ingested raw record into one versioned dataset.
 
-    Decodes each distinct raw file once in worker processes, normalises it to a canonical
-    PNG under ``canonical/<sha256>.png``, removes duplicates, quarantines what cannot be
-    used, assigns stable splits, and writes ``datasets/<version>/manifest.parquet`` and
-    ``datasets/<version>/dataset.json``.
+    Decodes each distinct raw file once in worker processes, removes duplicates,
+    quarantines what cannot be used, gives every clean sample its canonical PNG
+    (``canonical/<sha256>.png``, or the raw ``images/<sha256>.png`` itself when that file
+    already is canonical), assigns stable splits, and writes
+    ``datasets/<version>/manifest.parquet`` and ``datasets/<version>/dataset.json``.
 
     Args:
         storage: artifact storage holding ``images/...`` and receiving the outputs.
@@ -292,45 +372,59 @@ def clean_dataset(
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    records = raw_manifest[raw_manifest["status"] == "ingested"].copy()
+    records = raw_manifest[raw_manifest["status"] == "ingested"]
     if records["record_id"].duplicated().any():
         raise ValueError("raw manifest repeats record ids")
     sort_columns = [c for c in ("ingested_at", "record_id") if c in records.columns]
     records = records.sort_values(sort_columns, kind="stable").reset_index(drop=True)
     n = len(records)
 
-    keys = sorted({k for k in records["image_key"].tolist() if not _is_blank(k)})
+    raw_keys = records["image_key"].to_numpy(dtype=object)
+    has_key = _present(records["image_key"])
+    keys = sorted(set(raw_keys[has_key].tolist()))
     scratch = None if storage.is_local else default_scratch_dir()
     try:
         items, out_dir = _stage_inputs(storage, keys, scratch)
-        decoded, phash_all, compare_all, pool = decode_files(items, out_dir, config.decode, workers)
+        decoded, phash_all, compare_all, pool = decode_files(
+            items,
+            out_dir,
+            config.decode,
+            workers,
+            keep_pixels_up_to=_KEEP_PIXELS_BYTES,
+            write_passthrough=False,
+        )
         timings["decode_s"] = time.perf_counter() - started
         mark = time.perf_counter()
-        position = {key: i for i, key in enumerate(keys)}
-        row_of = np.array(
-            [position.get(k, -1) if not _is_blank(k) else -1 for k in records["image_key"].tolist()], dtype=np.int64
-        )
+        # Decode row of each record (-1: no image_key), all columns picked at once.
+        row_of = pd.Index(keys).get_indexer(pd.Series(raw_keys).where(has_key, None)).astype(np.int64)
         have = row_of >= 0
-        per_record = decoded.astype(object).iloc[np.where(have, row_of, 0)].reset_index(drop=True)
-        per_record.loc[~have, :] = None
-        per_record.loc[~have, "ok"] = False
-        per_record.loc[~have, "reason"] = REASON_MISSING
-        per_record.loc[~have, "reason_detail"] = "record has no image_key"
+        safe_row = np.where(have, row_of, 0)
 
-        labels = records["label"].tolist()
-        ok = per_record["ok"].fillna(False).astype(bool).to_numpy()
-        labelled = np.array([not _is_blank(v) for v in labels], dtype=bool)
+        def pick(name: str) -> Any:
+            """One decode column per record: nullable ints/bools stay typed, the rest object."""
+            column = decoded[name]
+            if isinstance(column.dtype, (pd.Int64Dtype, pd.BooleanDtype)):
+                return column.array.take(row_of, allow_fill=True)
+            values = column.to_numpy(dtype=object, na_value=None)[safe_row]
+            values[~have] = None
+            return values
+
+        labels = records["label"].to_numpy(dtype=object)
+        labelled = _present(records["label"])
+        ok = np.asarray(decoded["ok"].to_numpy(dtype=bool))[safe_row] & have
         outcome = np.full(n, "quarantined", dtype=object)
-        reason = per_record["reason"].astype(object).to_numpy().copy()
-        detail = per_record["reason_detail"].astype(object).to_numpy().copy()
+        reason = pick("reason")
+        detail = pick("reason_detail")
+        reason[~have] = REASON_MISSING
+        detail[~have] = "record has no image_key"
         reason[ok & ~labelled] = REASON_NO_LABEL
         detail[ok & ~labelled] = "ingested record has no label"
         alias_of = np.full(n, None, dtype=object)
 
         # Dataset mode from the distinct decodable images.
         eligible = np.nonzero(ok & labelled)[0]
-        pixel_hashes = per_record["pixel_hash"].to_numpy(dtype=object)
-        modes = per_record["canonical_mode"].to_numpy(dtype=object)
+        pixel_hashes = pick("pixel_hash")
+        modes = pick("canonical_mode")
         if config.mode is not None:
             mode = config.mode
         else:
@@ -341,99 +435,89 @@ def clean_dataset(
         # Duplicates among eligible records, earliest kept.
         keep, kind = find_duplicates(
             pixel_hashes[eligible].tolist(),
-            phash_all[np.where(have, row_of, 0)][eligible],
-            compare_all[np.where(have, row_of, 0)][eligible],
+            phash_all[safe_row][eligible],
+            compare_all[safe_row][eligible],
             config.near_duplicates,
         )
-        group_labels: dict[int, set[str]] = {}
-        for local, target in enumerate(keep.tolist()):
-            group_labels.setdefault(target, set()).add(str(labels[eligible[local]]))
         sample_ids = records["sample_id"].to_numpy(dtype=object)
-        for local, target in enumerate(keep.tolist()):
-            index = eligible[local]
-            seen = group_labels[target]
-            if len(seen) > 1:
-                reason[index] = REASON_LABEL_CONFLICT
-                detail[index] = f"duplicates carry labels {sorted(seen)}"
-            elif target == local:
-                outcome[index] = "clean"
-                reason[index] = None
-                detail[index] = None
-            else:
-                outcome[index] = "duplicate"
-                reason[index] = kind[local]
-                detail[index] = None
-                alias_of[index] = sample_ids[eligible[target]]
+        group_label = pd.Series(labels[eligible].astype(str))
+        label_count = group_label.groupby(keep).nunique()
+        conflict_local = label_count.reindex(keep).to_numpy() > 1
+        conflict = eligible[conflict_local]
+        reason[conflict] = REASON_LABEL_CONFLICT
+        for target in np.unique(keep[conflict_local]).tolist():  # conflicting groups only
+            members = conflict_local & (keep == target)
+            detail[eligible[members]] = f"duplicates carry labels {sorted(set(group_label[members]))}"
+        kept_local = (keep == np.arange(len(keep))) & ~conflict_local
+        dup_local = (keep != np.arange(len(keep))) & ~conflict_local
+        clean_rows, dup_rows = eligible[kept_local], eligible[dup_local]
+        outcome[clean_rows] = "clean"
+        reason[clean_rows] = None
+        detail[clean_rows] = None
+        outcome[dup_rows] = "duplicate"
+        reason[dup_rows] = np.asarray(kind, dtype=object)[dup_local]
+        detail[dup_rows] = None
+        alias_of[dup_rows] = sample_ids[eligible[keep[dup_local]]]
         timings["dedup_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
 
-        # Canonical images in the dataset mode; split per clean sample.
-        clean_idx = np.nonzero(outcome == "clean")[0]
-        image_key = np.full(n, None, dtype=object)
-        canonical_mode = modes.copy()
-        channels = per_record["channels"].to_numpy(dtype=object).copy()
-        shas = per_record["canonical_sha"].to_numpy(dtype=object)
-        converted = 0
-        for index in clean_idx.tolist():
-            sha = shas[index]
-            if modes[index] != mode:
-                sha, key = _convert_canonical(storage, out_dir, sha, mode, config.decode.png_compress_level)
-                converted += 1
-                canonical_mode[index] = mode
-                channels[index] = 3 if mode == "RGB" else 1
-            else:
-                key = f"{CANONICAL_PREFIX}/{sha}.png"
-                if not storage.is_local:
-                    storage.write_bytes(key, (out_dir / f"{sha}.png").read_bytes())
-            image_key[index] = key
+        # Canonical images in the dataset mode, only for the clean samples.
+        image_key, canonical_mode, channels, converted = _canonical_images(
+            storage, config, mode, out_dir, clean_rows, decoded, safe_row, raw_keys, modes, pick("channels")
+        )
         split = np.full(n, None, dtype=object)
-        for index in clean_idx.tolist():
-            split[index] = assign_split(str(sample_ids[index]), str(labels[index]), config.splits)
+        split[clean_rows] = assign_splits(
+            [str(s) for s in sample_ids[clean_rows].tolist()], [str(v) for v in labels[clean_rows].tolist()], config.splits
+        )
         timings["canonical_s"] = time.perf_counter() - mark
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
     mark = time.perf_counter()
+    phash_text = np.full(n, None, dtype=object)
+    if ok.any():
+        phash_text[ok] = np.char.zfill(np.char.mod("%x", phash_all[safe_row][ok]), 16).astype(object)
+    label_column = labels.copy()
+    label_column[~labelled] = None
+    label_column[labelled] = np.array([str(v) for v in labels[labelled].tolist()] + [""], dtype=object)[:-1]
+    canonical_mode[~ok] = None
+    channels[~ok] = pd.NA
     manifest = pd.DataFrame(
         {
-            "record_id": records["record_id"].astype(object).to_numpy(),
-            "batch_id": records["batch_id"].astype(object).to_numpy(),
-            "path": records["path"].astype(object).to_numpy(),
+            "record_id": records["record_id"].to_numpy(dtype=object),
+            "batch_id": records["batch_id"].to_numpy(dtype=object),
+            "path": records["path"].to_numpy(dtype=object),
             "sample_id": sample_ids,
-            "label": np.array([None if _is_blank(v) else str(v) for v in labels], dtype=object),
+            "label": label_column,
             "outcome": outcome,
             "reason": reason,
             "reason_detail": detail,
             "alias_of": alias_of,
             "split": split,
             "image_key": image_key,
-            "raw_image_key": records["image_key"].astype(object).to_numpy(),
-            "format": per_record["format"].to_numpy(dtype=object),
-            "mode": per_record["mode"].to_numpy(dtype=object),
-            "orig_width": pd.array(per_record["orig_width"].tolist(), dtype="Int64"),
-            "orig_height": pd.array(per_record["orig_height"].tolist(), dtype="Int64"),
-            "animated": pd.array(per_record["animated"].tolist(), dtype="boolean"),
-            "orientation": pd.array(per_record["orientation"].tolist(), dtype="Int64"),
+            "raw_image_key": raw_keys,
+            "format": pick("format"),
+            "mode": pick("mode"),
+            "orig_width": pick("orig_width"),
+            "orig_height": pick("orig_height"),
+            "animated": pick("animated"),
+            "orientation": pick("orientation"),
             "canonical_mode": canonical_mode,
-            "width": pd.array(per_record["width"].tolist(), dtype="Int64"),
-            "height": pd.array(per_record["height"].tolist(), dtype="Int64"),
-            "channels": pd.array(channels.tolist(), dtype="Int64"),
-            "aspect_ratio": pd.to_numeric(per_record["aspect_ratio"], errors="coerce").astype("float64"),
-            "brightness": pd.to_numeric(per_record["brightness"], errors="coerce").astype("float64"),
-            "contrast": pd.to_numeric(per_record["contrast"], errors="coerce").astype("float64"),
-            "sharpness": pd.to_numeric(per_record["sharpness"], errors="coerce").astype("float64"),
-            "file_size": pd.array(per_record["file_size"].tolist(), dtype="Int64"),
-            "pixel_hash": per_record["pixel_hash"].to_numpy(dtype=object),
-            "phash": np.array(
-                [f"{int(h):016x}" if o else None for h, o in zip(phash_all[np.where(have, row_of, 0)], ok, strict=True)],
-                dtype=object,
-            ),
+            "width": pick("width"),
+            "height": pick("height"),
+            "channels": channels,
+            "aspect_ratio": _floats(pick("aspect_ratio")),
+            "brightness": _floats(pick("brightness")),
+            "contrast": _floats(pick("contrast")),
+            "sharpness": _floats(pick("sharpness")),
+            "file_size": pick("file_size"),
+            "pixel_hash": pixel_hashes,
+            "phash": phash_text,
         },
         columns=list(MANIFEST_COLUMNS),
     )
-    manifest.loc[~ok, ["canonical_mode", "channels"]] = None
-    counts = check_accounting(manifest, records["record_id"].tolist())
+    counts = check_accounting(manifest, records["record_id"])
 
     clean = manifest[manifest["outcome"] == "clean"]
     version = dataset_version(zip(clean["sample_id"], clean["label"], clean["split"], strict=True))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -150,6 +151,8 @@ def run_cleaning_benchmark(
             _bare_loop([p for p in raw_paths if p is not None])
             bare_best = min(bare_best, time.perf_counter() - started)
         figures: dict[str, Any] = {"files": n_files, "distinct_files": len(raw_paths), "scale": scale}
+        # Other processes on the machine skew the parallel figures most: record the load.
+        figures["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         figures["bare_images_per_s"] = len(raw_paths) / bare_best
         last = None
         for count in workers:

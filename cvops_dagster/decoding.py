@@ -6,6 +6,9 @@ image, or raises :class:`DecodeFailure` with a short reason code:
 - the format is detected from magic bytes, never from the extension, and must be in the
   allow-list (PNG, JPEG, WebP, BMP, TIFF, GIF); Pillow is then told to use only that plugin;
 - PNG chunk checksums are verified (Pillow skips the CRC of image-data chunks on ``load``);
+  a PNG that is already canonical (8-bit L/RGB, only IHDR/IDAT/IEND, not interlaced) skips
+  the Python PNG plugin: its image data goes straight to Pillow's C inflate-and-unfilter
+  decoder, which is most of what a large dataset of small PNGs costs;
 - the declared size is checked against a pixel limit far below Pillow's default before any
   pixel is decoded, and Pillow's own bomb warning is an error;
 - the whole image is decoded with ``load()`` (``verify()`` checks far less), and
@@ -31,6 +34,7 @@ round trip.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import logging
@@ -205,27 +209,79 @@ def check_png_chunks(data: bytes) -> bool:
         DecodeFailure: ``truncated`` when a chunk or IEND is missing, ``bad_checksum`` on a
             CRC mismatch.
     """
+    return _walk_png(data)[0]
+
+
+def _walk_png(data: bytes) -> tuple[bool, list[memoryview]]:
+    """:func:`check_png_chunks`, also returning the IDAT payloads in file order."""
     view = memoryview(data)
     pos = len(_PNG_MAGIC)
     end = len(data)
     only_critical = True
-    unpack = struct.Struct(">I").unpack_from
+    idat: list[memoryview] = []
+    unpack = _UINT32.unpack_from
+    crc32 = zlib.crc32
     while True:
         if pos + 8 > end:
             raise DecodeFailure(REASON_TRUNCATED, "PNG ends before IEND")
         (length,) = unpack(data, pos)
-        chunk_type = bytes(view[pos + 4 : pos + 8])
+        chunk_type = data[pos + 4 : pos + 8]
         stop = pos + 12 + length
         if stop > end:
             raise DecodeFailure(REASON_TRUNCATED, f"PNG chunk {chunk_type!r} is cut short")
         (stored,) = unpack(data, stop - 4)
-        if zlib.crc32(view[pos + 4 : stop - 4]) != stored:
+        if crc32(view[pos + 4 : stop - 4]) != stored:
             raise DecodeFailure(REASON_CHECKSUM, f"PNG chunk {chunk_type!r} fails its CRC")
-        if chunk_type == b"IEND":
-            return only_critical
-        if chunk_type not in (b"IHDR", b"IDAT"):
+        if chunk_type == b"IDAT":
+            idat.append(view[pos + 8 : stop - 4])
+        elif chunk_type == b"IEND":
+            return only_critical, idat
+        elif chunk_type != b"IHDR":
             only_critical = False
         pos = stop
+
+
+_UINT32 = struct.Struct(">I")
+_IHDR = struct.Struct(">4sIIBBBBB")  # chunk type, width, height, depth, colour, compression, filter, interlace
+
+
+def _decode_plain_png(data: bytes, idat: list[memoryview], config: DecodeConfig) -> DecodedImage | None:
+    """Decode a PNG holding only IHDR/IDAT/IEND, 8-bit gray or RGB, not interlaced.
+
+    Such a file is already in canonical form, so Pillow's PNG plugin (chunk parsing in
+    Python, ancillary chunks, palettes, EXIF) has nothing to add: the IDAT stream goes
+    straight to Pillow's own C "zip" decoder (inflate + PNG row filters), the one the
+    plugin itself uses. CRCs were checked by :func:`_walk_png`. Returns ``None`` for any
+    other PNG, which takes the general path.
+    """
+    if len(data) < 33 or data[8:12] != b"\x00\x00\x00\x0d":
+        return None
+    tag, width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack_from(data, 12)
+    if tag != b"IHDR" or depth != 8 or colour not in (0, 2) or compression or filtering or interlace:
+        return None
+    if width <= 0 or height <= 0:
+        raise DecodeFailure(REASON_DECODE, f"image has size {width}x{height}")
+    if width * height > config.max_pixels:
+        raise DecodeFailure(REASON_BOMB, f"{width}x{height} exceeds {config.max_pixels} pixels")
+    mode = "L" if colour == 0 else "RGB"
+    stream = bytes(idat[0]) if len(idat) == 1 else b"".join(idat)
+    try:
+        image = Image.frombytes(mode, (width, height), stream, "zip", mode)
+    except ValueError as exc:
+        if "not enough image data" in str(exc):
+            raise DecodeFailure(REASON_TRUNCATED, "PNG image data ends early") from exc
+        raise
+    canonical = normalise_mode(image, config) if mode == "RGB" else image
+    return DecodedImage(
+        image=canonical,
+        format="PNG",
+        mode=mode,
+        width=width,
+        height=height,
+        animated=False,
+        orientation=1,
+        passthrough=canonical is image,
+    )
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -369,7 +425,13 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedI
 
 
 def _decode_checked(data: bytes, fmt: str, config: DecodeConfig) -> DecodedImage:
-    plain_png = check_png_chunks(data) if fmt == "PNG" else False
+    plain_png = False
+    if fmt == "PNG":
+        plain_png, idat = _walk_png(data)
+        if plain_png:
+            fast = _decode_plain_png(data, idat, config)
+            if fast is not None:
+                return fast
     # formats=[...]: only the sniffed plugin may claim the file.
     image = Image.open(io.BytesIO(data), formats=[fmt])
     if image.format not in config.allowed_formats and not (image.format == "MPO" and "JPEG" in config.allowed_formats):
@@ -508,9 +570,25 @@ _ENCODED_MAX = 200_000
 
 
 def _read_file(path: str) -> bytes:
+    """The whole file, with plain system calls (a buffered file object costs more here)."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            data = os.read(fd, size + 1)
+            if len(data) > size:  # the file grew meanwhile: read the rest
+                parts = [data]
+                while chunk := os.read(fd, 1 << 20):
+                    parts.append(chunk)
+                data = b"".join(parts)
+            while len(data) < size:  # short read (pipes, network file systems)
+                chunk = os.read(fd, size - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return data
+        finally:
+            os.close(fd)
     except FileNotFoundError as exc:
         raise DecodeFailure(REASON_MISSING, str(exc)) from exc
     except OSError as exc:
@@ -651,6 +729,21 @@ def process_chunk(
 # ---------------------------------------------------------------------------- worker pool
 
 
+def _single_threaded_numerics() -> None:
+    """Keep each worker on one core: the pool is the parallelism.
+
+    numpy's OpenBLAS otherwise starts a thread per core for the chunk's small matrix
+    products (the pHash DCT) and its threads spin while waiting, so two workers on two
+    cores would fight four busy threads.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        logger.debug("threadpoolctl not installed; BLAS threads left as they are")
+        return
+    threadpool_limits(limits=1)
+
+
 def _init_worker(config: DecodeConfig) -> None:
     """Set the limits a decoding worker runs under."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
@@ -663,6 +756,7 @@ def _init_worker(config: DecodeConfig) -> None:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     global _IN_WORKER
     _IN_WORKER = True
+    _single_threaded_numerics()
     Image.MAX_IMAGE_PIXELS = config.max_pixels
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     if config.memory_limit_bytes:
@@ -691,7 +785,10 @@ def _worker_main(
         except EOFError:
             return
         if message is None:
-            return
+            # Nothing to flush or clean up: skip the interpreter's teardown, which takes
+            # longer than the exit itself and which the parent would wait for.
+            conn.close()
+            os._exit(0)
         seq, items = message
         state[0] = seq
         state[1] = -1
@@ -811,7 +908,17 @@ def decode_files(
             daemon=True,
             name="cvops-decode",
         )
-        process.start()
+        # A forked child shares the parent's heap copy-on-write; its garbage collector
+        # would write to every object the parent tracks (copying the whole heap page by
+        # page). Frozen objects are skipped by the collector, in the child and the parent.
+        frozen = ctx.get_start_method() == "fork" and gc.isenabled()
+        if frozen:
+            gc.freeze()
+        try:
+            process.start()
+        finally:
+            if frozen:
+                gc.unfreeze()
         child.close()
         return _Worker(process, parent, state)
 
@@ -957,7 +1064,9 @@ def _assemble(
             for result in chunk_results:
                 merged.extend(result[name])
             merged.extend(row[name] for row in failures)
-            columns[name] = np.array(merged, dtype=object)[order] if merged else np.zeros(0, dtype=object)
+            values = np.array(merged, dtype=object)[order] if merged else np.zeros(0, dtype=object)
+            # Explicitly object: inferring Arrow strings costs more than the frame's users save.
+            columns[name] = pd.Series(values, dtype=object, copy=False)
             continue
         if name in _FLOAT_COLUMNS:
             tail = np.full(n_fail, np.nan)

@@ -89,8 +89,52 @@ def perceptual_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _candidate_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``threshold`` bits."""
+    """All pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``threshold`` bits.
+
+    Pairs come sorted by ``(i, j)``. Uses the pigeonhole principle (multi-index hashing):
+    split the 64 bits into ``threshold + 1`` bands; two hashes within the threshold agree
+    exactly on at least one band, so only hashes sharing a band value are compared. That is
+    near-linear instead of quadratic; when bands are too narrow or too crowded to help it
+    falls back to comparing every pair.
+    """
+    phash = np.asarray(phash, dtype=np.uint64)
     n = len(phash)
+    if n < 2 or threshold < 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    bands = threshold + 1
+    if 64 // bands >= 8:
+        widths = [64 // bands + (1 if k < 64 % bands else 0) for k in range(bands)]
+        firsts, seconds = [], []
+        total = 0
+        offset = 0
+        for width in widths:
+            values = (phash >> np.uint64(offset)) & np.uint64((1 << width) - 1)
+            offset += width
+            order = np.argsort(values, kind="stable")
+            ordered = values[order]
+            starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+            ends = np.r_[starts[1:], n]
+            run_end = np.repeat(ends, ends - starts)
+            counts = run_end - np.arange(n) - 1  # later members of the same run
+            pairs = int(counts.sum())
+            total += pairs
+            if total > n * (n - 1) // 4:  # crowded bands: the plain comparison is cheaper
+                break
+            if not pairs:
+                continue
+            first = np.repeat(np.arange(n), counts)
+            step = np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)
+            a, b = order[first], order[first + 1 + step]
+            firsts.append(np.minimum(a, b))
+            seconds.append(np.maximum(a, b))
+        else:
+            if not firsts:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            i, j = np.concatenate(firsts), np.concatenate(seconds)
+            close = np.bitwise_count(phash[i] ^ phash[j]) <= threshold
+            code = np.sort(i[close].astype(np.int64) * n + j[close])
+            code = code[np.r_[True, code[1:] != code[:-1]]] if len(code) else code  # found in several bands
+            return code // n, code % n
     firsts, seconds = [], []
     for start in range(0, n, block):
         stop = min(start + block, n)

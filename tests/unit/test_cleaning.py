@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import unicodedata
 from pathlib import Path
@@ -97,9 +98,16 @@ def test_mixed_batch_outcomes_reasons_and_accounting(storage: ArtifactStorage) -
     info = storage.read_json(result.dataset_json_key)
     assert info["version"] == result.version and info["mode"] == "L" and info["channels"] == 1
     assert info["counts"]["input"] == len(files)
-    for key in stored.loc[stored["outcome"] == "clean", "image_key"]:
-        assert key.startswith("canonical/") and storage.exists(key)
-        assert Image.open(io.BytesIO(storage.read_bytes(key))).mode == "L"
+    clean_rows = stored[stored["outcome"] == "clean"]
+    assert clean_rows["image_key"].notna().all()
+    for key, raw_key in zip(clean_rows["image_key"], clean_rows["raw_image_key"], strict=True):
+        data = storage.read_bytes(key)
+        # Content addressed: the raw key itself when the raw file already is canonical.
+        assert key.startswith("canonical/") or key == raw_key
+        assert key.rsplit("/", 1)[1] == f"{hashlib.sha256(data).hexdigest()}.png"
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG" and image.mode == "L"
+            assert set(image.info) <= {"dpi"}  # no metadata chunks beyond what Pillow infers
 
 
 def test_rejected_raw_rows_are_not_inputs(storage: ArtifactStorage) -> None:
@@ -208,3 +216,27 @@ def test_pillow_corpus_under_one_label_never_crashes_or_hangs(storage: ArtifactS
     clean = result.manifest[result.manifest["outcome"] == "clean"]
     assert set(clean["format"]) <= {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"}
     assert clean["canonical_mode"].eq("RGB").all()
+
+
+def test_canonical_keys_reuse_canonical_raw_files_and_encode_only_clean_images(storage: ArtifactStorage) -> None:
+    plain = encode(_smooth(40, 16))  # already a canonical PNG
+    misnamed = encode(_smooth(41, 16))  # canonical PNG bytes stored under another extension
+    bmp = encode(_smooth(42, 16), "BMP")  # needs encoding
+    bmp_copy = encode(_smooth(40, 16), "BMP")  # same pixels as `plain`: an exact duplicate
+    files = [("a/plain.png", "a", plain), ("a/misnamed.jpg", "a", misnamed), ("b/x.bmp", "b", bmp), ("a/y.bmp", "a", bmp_copy)]
+    result = clean_dataset(storage, raw_manifest(storage, "b", files), workers=1)
+    rows = _by_path(result)
+    assert rows.loc["a/plain.png", "image_key"] == rows.loc["a/plain.png", "raw_image_key"]
+    assert rows.loc["a/y.bmp", "outcome"] == "duplicate" and pd.isna(rows.loc["a/y.bmp", "image_key"])
+    for path, expected in (("a/misnamed.jpg", misnamed), ("b/x.bmp", None)):
+        key = rows.loc[path, "image_key"]
+        assert key.startswith("canonical/")
+        data = storage.read_bytes(key)
+        assert key == f"canonical/{hashlib.sha256(data).hexdigest()}.png"
+        if expected is not None:
+            assert data == expected
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(storage.read_bytes(rows.loc["b/x.bmp", "image_key"])))), np.asarray(_smooth(42, 16))
+    )
+    # Only clean images were written: the duplicate BMP got no canonical file of its own.
+    assert len(storage.list("canonical")) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -9,6 +10,7 @@ import time
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -261,3 +263,95 @@ def test_worker_hanging_at_start_is_replaced_without_blaming_a_file(tmp_path, mo
     frame, _, _, stats = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
     assert frame["ok"].all()
     assert stats.crashes == 1 and stats.restarts == 1
+
+
+def _plain_png_cases() -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(50)
+    gray_rgb = np.repeat(rng.integers(0, 256, (9, 11, 1), dtype=np.uint8), 3, axis=2)
+    images = {
+        "L-1x1": Image.fromarray(rng.integers(0, 256, (1, 1), dtype=np.uint8)),
+        "L-3x7": Image.fromarray(rng.integers(0, 256, (3, 7), dtype=np.uint8)),
+        "L-32x32": Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)),
+        "RGB-colour": Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)),
+        "RGB-gray": Image.fromarray(gray_rgb),
+    }
+    return [(f"{name}-z{level}", encode(image, compress_level=level)) for name, image in images.items() for level in (0, 1, 9)]
+
+
+@pytest.mark.parametrize(("name", "data"), _plain_png_cases(), ids=[c[0] for c in _plain_png_cases()])
+def test_plain_png_fast_path_matches_pillows_png_plugin(name: str, data: bytes, monkeypatch) -> None:
+    used: list[bool] = []
+    real = decoding._decode_plain_png
+
+    def spy(*args):
+        result = real(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(decoding, "_decode_plain_png", spy)
+    decoded = decode_image(data)
+    assert used == [True]
+    with Image.open(io.BytesIO(data)) as reference:
+        expected = decoding.normalise_mode(reference.convert(reference.mode))
+    assert decoded.image.mode == expected.mode
+    assert decoded.image.tobytes() == expected.tobytes()
+    assert decoded.passthrough == (expected.mode == Image.open(io.BytesIO(data)).mode)
+    assert (decoded.format, decoded.orientation, decoded.animated) == ("PNG", 1, False)
+
+
+def _replace_idat(data: bytes, payload: bytes) -> bytes:
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    return data[:start] + _png_chunk(b"IDAT", payload) + data[start + 12 + length :]
+
+
+def _idat_payload(data: bytes) -> bytes:
+    start = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[start - 4 : start])
+    return data[start + 4 : start + 4 + length]
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("short_stream", decoding.REASON_TRUNCATED), ("corrupt_stream", decoding.REASON_DECODE), ("bad_crc", decoding.REASON_CHECKSUM)],
+)
+def test_plain_png_fast_path_refuses_damaged_image_data(case: str, reason: str) -> None:
+    good = encode(Image.fromarray(np.random.default_rng(51).integers(0, 256, (32, 32), dtype=np.uint8)))
+    payload = _idat_payload(good)
+    if case == "short_stream":  # valid CRCs, pixel data ends early
+        data = _replace_idat(good, payload[: len(payload) // 2])
+    elif case == "corrupt_stream":  # valid CRCs, garbage inside the zlib stream
+        broken = bytearray(payload)
+        broken[5] ^= 0x55
+        data = _replace_idat(good, bytes(broken))
+    else:
+        broken = bytearray(good)
+        broken[good.index(b"IDAT") + 10] ^= 0xFF
+        data = bytes(broken)
+    with pytest.raises(DecodeFailure) as caught:
+        decode_image(data)
+    assert caught.value.reason == reason
+
+
+def test_pool_can_return_pixels_instead_of_encoding(tmp_path) -> None:
+    named = {
+        "bmp": encode(textured(12, 12, seed=60), "BMP"),
+        "png": encode(textured(12, 12, seed=61, mode="L")),
+        "big": encode(textured(64, 64, seed=62), "BMP"),
+    }
+    frame, _, _, _ = decode_files(
+        _write_items(tmp_path, named), tmp_path / "out", DecodeConfig(), workers=1,
+        keep_pixels_up_to=12 * 12 * 3, write_passthrough=False,
+    )
+    rows = frame.set_index("key")
+    assert rows["ok"].all()
+    # Small non-canonical image: pixels back, nothing encoded.
+    assert pd.isna(rows.loc["bmp", "canonical_sha"])
+    np.testing.assert_array_equal(rows.loc["bmp", "pixels"], np.asarray(textured(12, 12, seed=60)))
+    # Already canonical: only its hash, no file.
+    assert bool(rows.loc["png", "passthrough"]) and rows.loc["png", "pixels"] is None
+    assert rows.loc["png", "canonical_sha"] == hashlib.sha256(named["png"]).hexdigest()
+    # Larger than the limit: encoded by the worker as before.
+    assert rows.loc["big", "pixels"] is None
+    assert (tmp_path / "out" / f"{rows.loc['big', 'canonical_sha']}.png").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{rows.loc['big', 'canonical_sha']}.png"]

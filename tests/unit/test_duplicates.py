@@ -94,3 +94,21 @@ def test_hash_has_64_bits_and_is_stable() -> None:
     assert first.dtype == np.uint64 and compare.shape == (20, 16, 16)
     assert np.array_equal(first, second)
     assert len(set(first.tolist())) > 15
+
+
+@pytest.mark.parametrize(("seed", "threshold"), [(0, 0), (1, 3), (2, 6), (3, 8), (4, 12), (5, 6)])
+def test_candidate_pairs_equal_the_exhaustive_comparison(seed: int, threshold: int) -> None:
+    from cvops_dagster.duplicates import _candidate_pairs
+
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(0, 2**63, 40, dtype=np.uint64) * np.uint64(2) + np.uint64(seed % 2)
+    hashes = centres[rng.integers(0, 40, 400)]
+    for _ in range(int(rng.integers(0, 9))):  # flip a few random bits per hash
+        hashes = hashes ^ (np.uint64(1) << rng.integers(0, 64, 400).astype(np.uint64))
+    if seed == 5:
+        hashes[:150] = 0  # one crowded value: falls back to the plain comparison
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= threshold
+    expected_i, expected_j = np.nonzero(np.triu(close, 1))
+    found_i, found_j = _candidate_pairs(hashes, threshold)
+    np.testing.assert_array_equal(found_i, expected_i)
+    np.testing.assert_array_equal(found_j, expected_j)
