@@ -79,6 +79,7 @@ def cleaned_dataset(
             "mode": result.mode,
             "image_size": json_value(result.dataset_info.get("image_size")),
             "gx_success": report.success,
+            "accepted": report.success,
             "gx_statistics": json_value(report.statistics),
             "quarantine_examples": table(result.quarantine_examples, limit=50),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),

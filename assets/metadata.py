@@ -30,13 +30,21 @@ def json_value(obj: Any) -> MetadataValue:
 
 
 def latest_figure(context, asset: str, name: str):  # noqa: ANN001, ANN201 - context is any Dagster context
-    """A figure from an asset's latest materialization metadata (how stages hand over ids)."""
+    """A figure from an asset's latest materialization metadata (how stages hand over ids).
+
+    Refuses a materialization whose blocking check failed (its ``accepted`` figure is false),
+    so a later run that selects only downstream assets cannot build on rejected data.
+    """
     from dagster import AssetKey
 
     event = context.instance.get_latest_materialization_event(AssetKey(asset))
     if event is None:
         raise ValueError(f"{asset} has not been materialized yet")
-    value = event.asset_materialization.metadata.get(name)
+    metadata = event.asset_materialization.metadata
+    accepted = metadata.get("accepted")
+    if accepted is not None and accepted.value is False:
+        raise ValueError(f"the latest {asset} failed its blocking check; fix its input and materialize it again")
+    value = metadata.get(name)
     if value is None:
         raise ValueError(f"{asset}'s latest materialization has no {name!r}")
     return value.value

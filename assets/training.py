@@ -13,7 +13,7 @@ from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import json_value, latest_figure, png_markdown, table
-from cvops_dagster.promotion import PromotionConfig, promote_if_better, promotion_history
+from cvops_dagster.promotion import PromotionConfig, current_champion, promote_if_better, promotion_history
 from cvops_dagster.training import TrainConfig, train_model
 from cvops_dagster.tuning import StudyConfig, run_study
 from resources.storage import ArtifactStore
@@ -49,8 +49,17 @@ def hpo_study(
     version = latest_figure(context, "cleaned_dataset", "version")
     if config.skip:
         return MaterializeResult(metadata={"dataset_version": version, "skipped": True, "best_params": json_value(None)})
-    study_config = StudyConfig(n_trials=config.n_trials, timeout=config.timeout_s, max_epochs=config.max_epochs, seed=config.seed)
-    result = run_study(artifact_store.storage, version, study_config, optuna_storage.url)
+    url = optuna_storage.url
+    study_config = StudyConfig(
+        n_trials=config.n_trials,
+        timeout=config.timeout_s,
+        max_epochs=config.max_epochs,
+        seed=config.seed,
+        # Embedded SQLite is one worker: trials it finds RUNNING are crash leftovers. A shared
+        # database may hold other workers' live trials: those are found stale by heartbeat.
+        single_worker=url is None or url.startswith("sqlite"),
+    )
+    result = run_study(artifact_store.storage, version, study_config, url)
     columns = [c for c in result.trials.columns if c in ("number", "state", "value", "epochs") or c.startswith("params_")]
     return MaterializeResult(
         metadata={
@@ -118,6 +127,7 @@ def trained_model(
             "epochs_trained": result.epochs_trained,
             "resumed_from_epoch": result.resumed_from_epoch,
             "train_seconds": result.train_seconds,
+            "accepted": floor_ok,
             "params": json_value(result.params),
             "per_class": json_value(result.per_class),
             "confusion_matrix": png_markdown(result.confusion_matrix_png, "confusion matrix"),
@@ -136,6 +146,9 @@ def trained_model(
 
 class ProductionModelConfig(Config):
     margin: float = Field(default=0.0, description="accuracy the challenger must gain over the champion")
+    regression_tolerance: float = Field(
+        default=0.01, description="how far production accuracy may fall below the outgoing champion's recorded one"
+    )
 
 
 @asset(
@@ -160,10 +173,13 @@ def production_model(
 ) -> MaterializeResult:
     challenger = latest_figure(context, "trained_model", "model_id")
     version = latest_figure(context, "trained_model", "dataset_version")
+    before = current_champion(artifact_store.storage)
     decision = promote_if_better(artifact_store.storage, challenger, version, PromotionConfig(margin=config.margin))
     summary = decision.summary
+    # Production accuracy on the current test split, against what the outgoing champion scored
+    # when it was promoted: catches a champion that got worse on newer data, and a broken one.
     production_acc = decision.challenger_accuracy if decision.promoted else decision.champion_accuracy
-    previous = decision.champion_accuracy
+    previous = before["test_accuracy"] if before else None
     history = promotion_history(artifact_store.storage)
     return MaterializeResult(
         metadata={
@@ -175,14 +191,15 @@ def production_model(
             "reason": decision.reason,
             "challenger_id": decision.challenger_id,
             "challenger_accuracy": decision.challenger_accuracy,
-            "champion_accuracy_before": previous,
+            "champion_accuracy_before": decision.champion_accuracy,
             "history": table(_history_frame(history), limit=50),
         },
         check_results=[
             AssetCheckResult(
                 check_name=CHECK_NO_REGRESSION,
-                passed=previous is None or (production_acc is not None and production_acc >= previous),
-                metadata={"before": previous, "after": production_acc},
+                passed=previous is None
+                or (production_acc is not None and production_acc >= previous - config.regression_tolerance),
+                metadata={"recorded_before": previous, "after": production_acc, "tolerance": config.regression_tolerance},
             )
         ],
     )

@@ -520,7 +520,11 @@ def clean_dataset(
     counts = check_accounting(manifest, records["record_id"])
 
     clean = manifest[manifest["outcome"] == "clean"]
-    version = dataset_version(zip(clean["sample_id"], clean["label"], clean["split"], strict=True))
+    # The canonical key (a hash of the canonical PNG) and the mode are in the version, so a
+    # change of mode or normalisation makes a new version instead of rewriting an old one.
+    version = dataset_version(
+        zip(clean["sample_id"], clean["label"], clean["split"], clean["image_key"], strict=True), context=f"mode={mode}"
+    )
     duplicates = manifest[manifest["outcome"] == "duplicate"]
     counts["exact_duplicates"] = int((duplicates["reason"] == "exact").sum())
     counts["near_duplicates"] = int((duplicates["reason"] == "near").sum())

@@ -77,8 +77,12 @@ class _Progress:
     """Prints a run's step and materialization events as they land in the instance."""
 
     def __init__(self, instance: Any, label: str) -> None:
+        import uuid
+
         self.instance = instance
         self.label = label
+        #: Tagged onto the run this display follows, so runs the daemon starts meanwhile are not shown.
+        self.tags = {"cvops/invocation": uuid.uuid4().hex}
         self.started = time.time()
         self._stop = threading.Event()
         self._cursor: str | None = None
@@ -109,7 +113,7 @@ class _Progress:
     def _poll_once(self) -> None:
         from dagster import DagsterEventType, RunsFilter
 
-        runs = self.instance.get_runs(RunsFilter(created_after=datetime.fromtimestamp(self.started - 1, UTC)), limit=1)
+        runs = self.instance.get_runs(RunsFilter(tags=self.tags), limit=1)
         if not runs:
             return
         types = {getattr(DagsterEventType, name) for name in PROGRESS_EVENTS}
@@ -192,9 +196,9 @@ def run_lifecycle(select: str | None = None, echo: Callable[[str], None] = print
         instance.add_dynamic_partitions(image_batches.name, [b for b in batches if b not in known])
         job = defs.resolve_job_def("ingest_job")
         for i, batch in enumerate(batches, 1):
-            with _Progress(instance, f"[{i}/{len(batches)}] raw_images partition {batch}"):
+            with _Progress(instance, f"[{i}/{len(batches)}] raw_images partition {batch}") as progress:
                 result = job.execute_in_process(
-                    instance=instance, partition_key=batch, run_config=_QUIET_LOGS, raise_on_error=False
+                    instance=instance, partition_key=batch, run_config=_QUIET_LOGS, raise_on_error=False, tags=progress.tags
                 )
             summary["runs"].append(result.run_id)
             if not result.success:
@@ -204,9 +208,9 @@ def run_lifecycle(select: str | None = None, echo: Callable[[str], None] = print
     if rest:
         job = defs.resolve_job_def("lifecycle_job")
         names = ", ".join(sorted(k.to_user_string() for k in rest))
-        with _Progress(instance, f"lifecycle run: {names}"):
+        with _Progress(instance, f"lifecycle run: {names}") as progress:
             result = job.execute_in_process(
-                instance=instance, asset_selection=rest, run_config=_QUIET_LOGS, raise_on_error=False
+                instance=instance, asset_selection=rest, run_config=_QUIET_LOGS, raise_on_error=False, tags=progress.tags
             )
         summary["runs"].append(result.run_id)
         if not result.success:
@@ -379,16 +383,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cvops_dagster.runtime import ImageLoadError, RuntimeModelError, predict_paths
-    from cvops_dagster.serving import local_copy, production_runtime_key
+    from cvops_dagster.serving import local_copy, production_runtime
 
     storage = _storage()
     try:
-        key = production_runtime_key(storage, int8=args.int8)
+        key, sha256 = production_runtime(storage, int8=args.int8)
     except FileNotFoundError as exc:
         raise CvopsError(str(exc)) from exc
     try:
         with local_copy(storage, key) as path:
-            predictions = predict_paths(path, args.paths)
+            predictions = predict_paths(path, args.paths, expected_sha256=sha256)
     except (ImageLoadError, RuntimeModelError) as exc:
         raise CvopsError(str(exc)) from exc
     if args.json:
@@ -450,8 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", metavar="SELECTION", help='Dagster asset selection, e.g. "raw_images+" (default: everything)')
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="latest figures per asset")
-    add_roots(p)
+    p = sub.add_parser("status", help="latest figures per asset (from the Dagster instance in $DAGSTER_HOME)")
     p.add_argument("--json", action="store_true", help="print one JSON object, one key per asset")
     p.set_defaults(func=cmd_status)
 
@@ -518,6 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CvopsError as exc:
         print(f"cvops: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cvops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for users; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"cvops: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -288,6 +288,11 @@ def _decode_plain_png(data: bytes, idat: list[memoryview], config: DecodeConfig)
 
 
 def _composite(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if image.mode == "La":
+        # Pillow cannot convert premultiplied "La"; composite it directly: out = L + (1 - a) * bg.
+        pixels = np.asarray(image, dtype=np.float32).reshape(image.height, image.width, 2)
+        gray = pixels[..., 0] + (255.0 - pixels[..., 1]) * (sum(background) / 3.0) / 255.0
+        return Image.fromarray(np.clip(gray.round(), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     rgba = image.convert("RGBA")
     base = Image.new("RGBA", rgba.size, (*background, 255))
     return Image.alpha_composite(base, rgba).convert("RGB")

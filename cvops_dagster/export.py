@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cvops_dagster.runtime import (
+    runtime_key,
     EMBEDDING_NAME,
     INPUT_NAME,
     LOGITS_NAME,
@@ -38,12 +39,6 @@ DEFAULT_OPSET = 18
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 PARITY_ATOL = 1e-4
 PARITY_MIN_AGREEMENT = 0.999
-
-
-def runtime_key(model_id: str, precision: str = "fp32") -> str:
-    """Storage key of a runtime file: ``runtimes/<model_id>/model.onnx`` (``model.int8.onnx`` for INT8)."""
-    name = "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
-    return f"runtimes/{model_id}/{name}"
 
 
 class _LogitsAndEmbedding(nn.Module):

@@ -182,7 +182,11 @@ class LandingZone:
                 if rel == READY_MARKER:
                     continue
                 found += 1
-                st = entry.stat(follow_symlinks=False)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:  # vanished or unreadable between listing and stat
+                    entries.append(BatchEntry(printable_name(rel), rel.split("/")[0] if "/" in rel else None, None, REJECT_UNREADABLE))
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     # Hidden and oddly named folders are walked too: classify() rejects
                     # each file inside with its reason, so every file is accounted for.
@@ -222,6 +226,11 @@ class LandingZone:
             raise ValueError(f"path escapes the batch folder: {rel!r}")
         path = f"{self._batch_base(batch_id, production)}/{rel}"
         if self.is_local:
+            # O_NOFOLLOW guards the last component; the realpath check guards a folder swapped
+            # for a symlink after the listing.
+            base = os.path.realpath(self._batch_base(batch_id, production))
+            if os.path.commonpath([base, os.path.realpath(path)]) != base:
+                raise OSError(f"{rel!r} resolves outside the batch folder")
             flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(path, flags)
             with os.fdopen(fd, "rb") as f:

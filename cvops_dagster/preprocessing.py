@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cvops_dagster.decoding import normalise_mode
+
 _MODES = {1: "L", 3: "RGB"}
 
 
@@ -97,11 +99,10 @@ def to_uint8(images: Iterable[Image.Image | np.ndarray], spec: InputSpec) -> np.
     for image in images:
         pil = _to_pil(image)
         if pil.mode != spec.mode:
-            # Palette/alpha images go through RGBA so transparency is composited consistently.
-            if pil.mode in ("P", "PA", "LA", "RGBA"):
-                pil = pil.convert("RGBA")
-                background = Image.new("RGBA", pil.size, (0, 0, 0, 255))
-                pil = Image.alpha_composite(background, pil)
+            if pil.mode not in ("L", "RGB"):
+                # The cleaning decoder's rule (alpha on its background, 16-bit scaled, ...), so
+                # an in-memory image is seen exactly as a cleaned training image was.
+                pil = normalise_mode(pil)
             pil = pil.convert(spec.mode)
         if pil.size != (spec.width, spec.height):
             pil = pil.resize((spec.width, spec.height), Image.Resampling.BILINEAR)

@@ -36,6 +36,7 @@ from cvops_dagster.runtime import (
     Predictor,
     RuntimeMetadata,
     load_runtime_model,
+    runtime_key,
     stamp_runtime_model,
 )
 from cvops_dagster.storage import ArtifactStorage
@@ -275,8 +276,8 @@ def build_int8_runtime(
     """
     if len(test_images) == 0 or len(test_images) != len(test_labels):
         raise ValueError("need a non-empty test split with one label per image")
-    fp32_key = fp32_key or f"runtimes/{model_id}/model.onnx"
-    int8_key = f"runtimes/{model_id}/model.int8.onnx"
+    fp32_key = fp32_key or runtime_key(model_id)
+    int8_key = runtime_key(model_id, "int8")
     fp32_bytes = storage.read_bytes(fp32_key)
     int8_bytes = quantize_model_int8(fp32_bytes, calibration_images)
 

@@ -64,6 +64,12 @@ FORMAT_VERSION = 1
 ImageInput = Image.Image | np.ndarray | str | os.PathLike[str]
 
 
+def runtime_key(model_id: str, precision: str = "fp32") -> str:
+    """Storage key of a runtime file: ``runtimes/<model_id>/model.onnx`` (``model.int8.onnx`` for INT8)."""
+    name = "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+    return f"runtimes/{model_id}/{name}"
+
+
 class RuntimeModelError(ValueError):
     """A runtime model file was refused (unsafe, corrupted, tampered or not a cvops runtime)."""
 

@@ -19,6 +19,8 @@ from cvops_dagster.training_data import load_dataset
 
 logger = logging.getLogger(__name__)
 
+SERVING_KEY = "production/serving.json"
+
 
 @dataclass
 class RuntimeBuild:
@@ -99,43 +101,59 @@ def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str
         fp32_key=exported.key,
     )
     logger.info("runtime %s: parity %s, int8 %s", exported.uri, parity.passed, "kept" if int8.accepted else "rejected")
-    return RuntimeBuild(model_id, version, exported, parity, int8)
+    build = RuntimeBuild(model_id, version, exported, parity, int8)
+    if parity.passed:
+        publish(storage, build)
+    return build
 
 
-def production_runtime_key(storage: ArtifactStorage, int8: bool = False) -> str:
-    """Key of the production champion's runtime file.
+def publish(storage: ArtifactStorage, build: RuntimeBuild) -> None:
+    """Point serving at ``build`` (``production/serving.json``), pinned by file hash.
+
+    Written only after parity passed, so a failed export never becomes what `cvops predict`
+    serves: the previous pointer, and the file hash it pins, stay.
+    """
+    storage.write_json(
+        SERVING_KEY,
+        {
+            "model_id": build.model_id,
+            "dataset_version": build.dataset_version,
+            "fp32_key": build.export.key,
+            "fp32_sha256": build.export.sha256,
+            "int8_key": build.int8.key if build.int8.accepted else None,
+            "int8_sha256": build.int8.sha256 if build.int8.accepted else None,
+        },
+    )
+
+
+def production_runtime(storage: ArtifactStorage, int8: bool = False) -> tuple[str, str]:
+    """Key and pinned SHA-256 of the runtime being served (from ``production/serving.json``).
 
     Raises:
-        FileNotFoundError: there is no champion, or its runtime was not built yet.
+        FileNotFoundError: no runtime was published yet, or no INT8 one was accepted.
     """
-    from cvops_dagster.promotion import current_champion
-
-    champion = current_champion(storage)
-    if champion is None:
-        raise FileNotFoundError("no production model yet (run `cvops run` first)")
-    key = f"runtimes/{champion['model_id']}/model{'.int8' if int8 else ''}.onnx"
-    if not storage.exists(key):
-        what = "an accepted INT8 runtime" if int8 else "an ONNX runtime"
-        raise FileNotFoundError(f"production model {champion['model_id']} has no {what} ({storage.uri(key)})")
-    return key
+    if not storage.exists(SERVING_KEY):
+        raise FileNotFoundError("no production runtime yet (run `cvops run` first)")
+    record = storage.read_json(SERVING_KEY)
+    if int8 and not record.get("int8_key"):
+        raise FileNotFoundError(f"production model {record['model_id']} has no accepted INT8 runtime")
+    prefix = "int8" if int8 else "fp32"
+    return record[f"{prefix}_key"], record[f"{prefix}_sha256"]
 
 
 def benchmark_production_runtime(storage: ArtifactStorage, threads: int | None = None) -> dict[str, Any]:
     """``cvops bench runtime`` on the production model: PyTorch eager vs ORT FP32 vs INT8."""
-    from cvops_dagster.promotion import current_champion
     from cvops_dagster.runtime_bench import run_runtime_benchmark
 
-    fp32_key = production_runtime_key(storage)
-    champion = current_champion(storage)
-    assert champion is not None
-    model, card = load_model(storage, champion["model_id"])
-    data = load_dataset(storage, champion.get("dataset_version") or card["dataset_version"])
+    fp32_key, _ = production_runtime(storage)
+    record = storage.read_json(SERVING_KEY)
+    model, card = load_model(storage, record["model_id"])
+    data = load_dataset(storage, record["dataset_version"])
     inputs = preprocess(data.splits["test"].images or data.splits["train"].images, card_input_spec(card))
-    int8_key = f"runtimes/{champion['model_id']}/model.int8.onnx"
     with local_copy(storage, fp32_key) as fp32_path:
-        if storage.exists(int8_key):
-            with local_copy(storage, int8_key) as int8_path:
+        if record.get("int8_key"):
+            with local_copy(storage, record["int8_key"]) as int8_path:
                 figures = run_runtime_benchmark(model, fp32_path, int8_path, inputs, threads=threads)
         else:
             figures = run_runtime_benchmark(model, fp32_path, None, inputs, threads=threads)
-    return {"model_id": champion["model_id"], **figures}
+    return {"model_id": record["model_id"], **figures}

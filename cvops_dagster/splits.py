@@ -64,16 +64,18 @@ def assign_splits(
     return [assign_split(s, lab, config) for s, lab in zip(sample_ids, labels, strict=True)]
 
 
-def dataset_version(rows: Iterable[tuple[str, str, str]]) -> str:
-    """Content hash of a dataset: 16 hex digits of SHA-256 over sorted (id, label, split).
+def dataset_version(rows: Iterable[tuple[str, ...]], context: str = "") -> str:
+    """Content hash of a dataset: 16 hex digits of SHA-256 over sorted (id, label, split, ...).
 
     Args:
-        rows: ``(sample_id, label, split)`` per clean sample, in any order.
+        rows: ``(sample_id, label, split)`` per clean sample, in any order; further fields
+            (such as the canonical image key) are hashed too.
+        context: dataset-wide facts that change what training sees (such as the mode).
 
     Returns:
         The version string: equal contents give equal versions, whatever the row order.
     """
-    digest = hashlib.sha256()
-    for sample_id, label, split in sorted(rows):
-        digest.update(f"{sample_id}\t{label}\t{split}\n".encode())
+    digest = hashlib.sha256(context.encode())
+    for row in sorted(rows):
+        digest.update(("\t".join(map(str, row)) + "\n").encode())
     return digest.hexdigest()[:16]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,28 @@ def test_graph_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert Path(runtime["path"]).exists()
     assert set(runtime["int8"]) >= {"accepted", "reason", "test_accuracy", "path"}
     assert runtime["int8"]["reason"]
+    serving = json.loads((artifacts / "production" / "serving.json").read_text())
+    assert serving["model_id"] == production["model_id"] and serving["fp32_sha256"] == runtime["sha256"]
+
+
+def test_no_regression_check_fails_when_production_got_worse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    landing, artifacts = tmp_path / "landing", tmp_path / "artifacts"
+    write_landing(landing, {"circle": 30, "hbar": 30, "vbar": 30})
+    with instance_for_test() as instance:
+        defs, result = run_all(instance, landing, artifacts, monkeypatch, TINY)
+        assert result.success
+        # The champion was recorded better than it scores now (as if newer data were harder).
+        current = artifacts / "production" / "current.json"
+        record = json.loads(current.read_text())
+        record["test_accuracy"] = 1.5
+        current.write_text(json.dumps(record))
+        again = defs.resolve_job_def("lifecycle_job").execute_in_process(
+            instance=instance, asset_selection=[AssetKey("production_model"), AssetKey("onnx_runtime")], raise_on_error=False
+        )
+        checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
+        assert checks["check_production_model_no_regression"] is False
+        # Blocking: the runtime was not rebuilt for a regressed production model.
+        assert "check_onnx_runtime_parity" not in checks
 
 
 def test_failed_expectations_stop_training_in_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,3 +115,13 @@ def test_failed_expectations_stop_training_in_the_same_run(tmp_path: Path, monke
         for downstream in ("hpo_study", "trained_model", "production_model", "onnx_runtime"):
             assert instance.get_latest_materialization_event(AssetKey(downstream)) is None
     assert not (artifacts / "models").exists()
+
+    # A later run of the downstream assets alone refuses the rejected dataset too.
+    with instance_for_test() as instance:
+        defs, _ = run_all(instance, landing, artifacts, monkeypatch, TINY)
+        later = defs.resolve_job_def("lifecycle_job").execute_in_process(
+            instance=instance, run_config=TINY, asset_selection=[AssetKey("hpo_study")], raise_on_error=False
+        )
+        assert not later.success
+        failure = next(e for e in later.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "failed its blocking check" in str(failure.event_specific_data.error)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,15 +53,13 @@ def test_resolve_params_rejects_unknown_keys() -> None:
 
 
 def test_preprocessing_does_not_import_torch() -> None:
-    source = Path(__file__).resolve().parents[2] / "cvops_dagster" / "preprocessing.py"
-    imported = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert "torch" not in imported
-    assert imported <= {"__future__", "collections", "dataclasses", "typing", "numpy", "PIL"}
+    # The ONNX runtime serves without PyTorch and shares this module with training.
+    import subprocess
+    import sys
+
+    code = "import sys, cvops_dagster.preprocessing; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -271,3 +271,22 @@ def test_runtime_benchmark_returns_consistent_figures(runtime_file):
         figures["ort_fp32_batch32_throughput_ips"] / figures["torch_batch32_throughput_ips"]
     )
     assert figures["threads"] == 1 and figures["input_shape"] == [1, 16, 16]
+
+
+@pytest.mark.parametrize("mode", ["LA", "La", "RGBA", "PA"])
+def test_in_memory_alpha_images_match_the_cleaning_decoder(mode: str) -> None:
+    """Transparent pixels land on the decoder's background, as in the canonical training images."""
+    import io
+
+    from cvops_dagster.decoding import decode_image
+    from cvops_dagster.preprocessing import InputSpec, to_uint8
+
+    image = Image.new(mode, (6, 6))  # fully transparent
+    spec = InputSpec(6, 6, 1, (0.0,), (1.0,))
+    served = to_uint8([image], spec)
+    if mode in ("LA", "RGBA"):  # the modes PNG can store
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        trained = to_uint8([decode_image(buffer.getvalue()).image], spec)
+        assert (served == trained).all()
+    assert (served == 255).all()
