@@ -8,6 +8,7 @@ rejected with a reason, so the caller can account for every file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -16,9 +17,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 
-from cvops_dagster.storage import split_protocol
+from cvops_dagster.storage import open_filesystem, split_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class BatchEntry:
     label: str | None
     size: int | None
     reason: str | None = None
+    #: Modification stamp (local mtime in ns, or the object's ETag): part of the batch
+    #: fingerprint, so a file replaced by one of the same size still counts as a change.
+    stamp: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -116,12 +119,7 @@ class LandingZone:
     def __init__(self, root: str, endpoint_url: str | None = None) -> None:
         self.root = root
         self.protocol, self._base = split_protocol(root)
-        options: dict[str, object] = {}
-        if self.protocol == "s3":
-            options = {"use_listings_cache": False, "skip_instance_cache": True}
-            if endpoint_url:
-                options["endpoint_url"] = endpoint_url
-        self.fs = fsspec.filesystem(self.protocol, **options)
+        self.fs = open_filesystem(self.protocol, endpoint_url)
 
     @property
     def is_local(self) -> bool:
@@ -158,7 +156,7 @@ class LandingZone:
         if production:
             # Production batches carry no label folders: files sit at the batch root.
             entries = [
-                BatchEntry(e.path, None, e.size, None if e.reason == REJECT_NO_LABEL else e.reason)
+                dataclasses.replace(e, label=None, reason=None if e.reason == REJECT_NO_LABEL else e.reason)
                 if e.reason in (None, REJECT_NO_LABEL) and "/" not in e.path
                 else e
                 for e in entries
@@ -193,14 +191,13 @@ class LandingZone:
                     if walk(Path(entry.path), rel + "/") == 0:
                         entries.append(_empty_folder(rel))
                     continue
-                entries.append(
-                    classify(
-                        rel,
-                        is_link=stat.S_ISLNK(st.st_mode),
-                        is_regular=stat.S_ISREG(st.st_mode),
-                        size=st.st_size,
-                    )
+                entry_info = classify(
+                    rel,
+                    is_link=stat.S_ISLNK(st.st_mode),
+                    is_regular=stat.S_ISREG(st.st_mode),
+                    size=st.st_size,
                 )
+                entries.append(dataclasses.replace(entry_info, stamp=str(st.st_mtime_ns)))
             return found
 
         walk(root, "")
@@ -216,7 +213,9 @@ class LandingZone:
             rel = path[len(prefix):]
             if rel == READY_MARKER:
                 continue
-            entries.append(classify(rel, is_link=False, is_regular=True, size=int(info.get("size") or 0)))
+            entry_info = classify(rel, is_link=False, is_regular=True, size=int(info.get("size") or 0))
+            stamp = info.get("ETag") or info.get("LastModified")
+            entries.append(dataclasses.replace(entry_info, stamp=str(stamp) if stamp else None))
         return entries
 
     def read_bytes(self, batch_id: str, rel: str, production: bool = False) -> bytes:
@@ -242,5 +241,5 @@ class LandingZone:
         """A short hash of a batch's file list and sizes: changes when files are added or replaced."""
         digest = hashlib.sha256()
         for entry in self.list_entries(batch_id, production):
-            digest.update(f"{entry.path}\0{entry.size}\0{entry.reason}\n".encode("utf-8", "backslashreplace"))
+            digest.update(f"{entry.path}\0{entry.size}\0{entry.stamp}\0{entry.reason}\n".encode("utf-8", "backslashreplace"))
         return digest.hexdigest()[:16]

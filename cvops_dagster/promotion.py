@@ -100,8 +100,17 @@ def evaluate_stored_model(
 
 
 def current_champion(storage: ArtifactStorage) -> dict[str, Any] | None:
-    """The champion record, or ``None`` before the first promotion."""
-    return storage.read_json(CURRENT_KEY) if storage.exists(CURRENT_KEY) else None
+    """The champion record, or ``None`` before the first promotion.
+
+    The history is the source of truth (it is written first); ``current.json`` is the
+    convenience copy, used when it agrees with the history.
+    """
+    record = storage.read_json(CURRENT_KEY) if storage.exists(CURRENT_KEY) else None
+    stack = champion_stack(promotion_history(storage))
+    if not stack or (record is not None and record.get("model_id") == stack[-1]["model_id"]):
+        return record
+    logger.warning("current.json disagrees with the promotion history; using the history")
+    return stack[-1]
 
 
 def promotion_history(storage: ArtifactStorage) -> list[dict[str, Any]]:
@@ -167,16 +176,6 @@ def promote_if_better(
         promoted, reason = decide(challenger["accuracy"], champion_acc, config.margin)
     reason = note + reason
     decided_at = _now()
-    if promoted:
-        record = {
-            "model_id": challenger_id,
-            "promoted_at": decided_at,
-            "dataset_version": dataset_version,
-            "test_accuracy": challenger["accuracy"],
-            "metrics": {"accuracy": challenger["accuracy"], "macro_f1": challenger["macro_f1"], "n": challenger["n"]},
-            "previous_model_id": champion_id,
-        }
-        storage.write_json(CURRENT_KEY, record)
     _append_history(
         storage,
         {
@@ -193,6 +192,16 @@ def promote_if_better(
             "reason": reason,
         },
     )
+    if promoted:
+        record = {
+            "model_id": challenger_id,
+            "promoted_at": decided_at,
+            "dataset_version": dataset_version,
+            "test_accuracy": challenger["accuracy"],
+            "metrics": {"accuracy": challenger["accuracy"], "macro_f1": challenger["macro_f1"], "n": challenger["n"]},
+            "previous_model_id": champion_id,
+        }
+        storage.write_json(CURRENT_KEY, record)
     logger.info("promotion of %s: %s (%s)", challenger_id, "promoted" if promoted else "kept out", reason)
     return PromotionDecision(
         promoted=promoted,
@@ -238,7 +247,6 @@ def rollback(storage: ArtifactStorage) -> dict[str, Any]:
     dropped, restored = stack[-1], stack[-2]
     at = _now()
     record = {**restored, "restored_at": at, "previous_model_id": dropped["model_id"]}
-    storage.write_json(CURRENT_KEY, record)
     _append_history(
         storage,
         {
@@ -250,5 +258,6 @@ def rollback(storage: ArtifactStorage) -> dict[str, Any]:
             "reason": f"rolled back from {dropped['model_id']} to {restored['model_id']}",
         },
     )
+    storage.write_json(CURRENT_KEY, record)
     logger.info("rolled back production from %s to %s", dropped["model_id"], restored["model_id"])
     return production_summary(storage)

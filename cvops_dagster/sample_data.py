@@ -10,12 +10,11 @@ from __future__ import annotations
 import io
 import logging
 
-import fsspec
 import numpy as np
 from PIL import Image
 
 from cvops_dagster.landing import READY_MARKER
-from cvops_dagster.storage import split_protocol
+from cvops_dagster.storage import open_filesystem, split_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ def seed_landing(root: str, endpoint_url: str | None = None, batches: tuple[str,
     Returns the number of files written per batch.
     """
     protocol, base = split_protocol(root)
-    options = {"endpoint_url": endpoint_url} if (protocol == "s3" and endpoint_url) else {}
-    fs = fsspec.filesystem(protocol, **options)
+    fs = open_filesystem(protocol, endpoint_url)
     images, labels = digit_images()
     counts: dict[str, int] = {}
     for b, batch in enumerate(batches):

@@ -36,6 +36,21 @@ def split_protocol(root: str) -> tuple[str, str]:
     return "file", str(Path(root).expanduser().resolve())
 
 
+def open_filesystem(protocol: str, endpoint_url: str | None = None, **options: Any) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``protocol``, set up the same way for artifacts and landing zones.
+
+    On S3 the endpoint comes from the argument (``CVOPS_S3_ENDPOINT_URL``), credentials from
+    botocore's environment chain, and listings are not cached: objects written by other
+    processes (sensors, workers) must show up at once.
+    """
+    if protocol == "s3":
+        if endpoint_url:
+            options.setdefault("endpoint_url", endpoint_url)
+        options.setdefault("use_listings_cache", False)
+        options.setdefault("skip_instance_cache", True)
+    return fsspec.filesystem(protocol, **options)
+
+
 @dataclass
 class ArtifactStorage:
     """Keyed byte storage rooted at a local folder or an fsspec URL.
@@ -55,14 +70,7 @@ class ArtifactStorage:
 
     def __post_init__(self) -> None:
         self.protocol, self._base = split_protocol(self.root)
-        options = dict(self.storage_options)
-        if self.protocol == "s3":
-            if self.endpoint_url:
-                options.setdefault("endpoint_url", self.endpoint_url)
-            # Caching listings would hide objects written by other processes (sensors, workers).
-            options.setdefault("use_listings_cache", False)
-            options.setdefault("skip_instance_cache", True)
-        self.fs = fsspec.filesystem(self.protocol, **options)
+        self.fs = open_filesystem(self.protocol, self.endpoint_url, **self.storage_options)
         if self.is_local:
             Path(self._base).mkdir(parents=True, exist_ok=True)
 

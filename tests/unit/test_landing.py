@@ -85,3 +85,14 @@ def test_read_bytes_refuses_symlinks(tmp_path: Path) -> None:
         zone.read_bytes("b1", "cat/link.png")
     with pytest.raises(ValueError):
         zone.read_bytes("b1", "../secret.txt")
+
+
+def test_fingerprint_sees_a_same_size_replacement(tmp_path: Path) -> None:
+    (tmp_path / "b1" / "cat").mkdir(parents=True)
+    image = tmp_path / "b1" / "cat" / "a.png"
+    image.write_bytes(b"1111")
+    zone = LandingZone(str(tmp_path))
+    before = zone.fingerprint("b1")
+    image.write_bytes(b"2222")
+    os.utime(image, ns=(1, 1))  # a different modification time, same size
+    assert zone.fingerprint("b1") != before

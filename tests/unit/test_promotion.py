@@ -107,6 +107,12 @@ def test_gate_history_and_rollback(models: tuple[ArtifactStorage, str, str], tmp
     with pytest.raises(ValueError, match="no previous champion"):
         rollback(storage)
 
+    # A crash between the history append and current.json: the history wins.
+    stale = current_champion(storage) | {"model_id": good}
+    storage.write_json("production/current.json", stale)
+    assert current_champion(storage)["model_id"] == bad
+    storage.write_json("production/current.json", stale | {"model_id": bad})
+
     # Re-running the gate with the model just rolled back must not promote it again.
     again = promote_if_better(storage, good, "v1", data=data)
     assert not again.promoted and "rolled back" in again.reason
