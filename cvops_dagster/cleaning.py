@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from cvops_dagster.decoding import (
@@ -189,6 +192,22 @@ def _floats(values: Any) -> np.ndarray:
     return pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
 
 
+def _isin(values: pd.Series, allowed: Any) -> np.ndarray:
+    """``values.isin(allowed)`` as a bool array, in Arrow's C code when the types allow.
+
+    pandas' ``isin`` on Arrow-backed strings walks the values in Python (tens of
+    milliseconds for a manifest of 20k rows); ``pyarrow.compute.is_in`` does not.
+    """
+    try:
+        array = pa.array(values, from_pandas=True)
+        value_set = pa.array(allowed if isinstance(allowed, pd.Series) else list(allowed), from_pandas=True)
+        if array.type != value_set.type:
+            value_set = value_set.cast(array.type)
+        return np.asarray(pc.is_in(array, value_set=value_set).to_numpy(zero_copy_only=False), dtype=bool)
+    except (pa.ArrowException, TypeError, ValueError):
+        return values.isin(allowed).to_numpy(dtype=bool)
+
+
 def _is_blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or pd.isna(value) or not str(value).strip()
 
@@ -284,6 +303,25 @@ def _canonical_images(
     return image_key, canonical_mode, channels, converted
 
 
+# Manifest columns with few distinct values; the others (ids, paths, hashes) are mostly
+# unique, where Parquet dictionary encoding only costs time.
+_DICTIONARY_COLUMNS: list[str] = [
+    "batch_id", "label", "outcome", "reason", "split", "format", "mode", "canonical_mode",
+]
+
+
+def _manifest_parquet(manifest: pd.DataFrame) -> bytes:
+    """The manifest as Parquet bytes (what ``DataFrame.to_parquet`` writes, read back alike).
+
+    Written through pyarrow directly with dictionary encoding only on the low-cardinality
+    columns: about half the time of the pandas defaults on a 20k-row manifest.
+    """
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="snappy", use_dictionary=_DICTIONARY_COLUMNS)
+    return buffer.getvalue().to_pybytes()
+
+
 def check_accounting(manifest: pd.DataFrame, input_records: pd.Series | list[str]) -> dict[str, int]:
     """Check that every input record has exactly one valid outcome.
 
@@ -299,27 +337,31 @@ def check_accounting(manifest: pd.DataFrame, input_records: pd.Series | list[str
             a quarantined row has no reason; a duplicate is not the alias of a clean sample;
             a clean row has no split; or the counts do not add up to the input.
     """
-    expected = list(input_records)
-    ids = manifest["record_id"].tolist()
-    if len(ids) != len(set(ids)):
+    expected = pd.Series(list(input_records) if not isinstance(input_records, pd.Series) else input_records)
+    ids = manifest["record_id"]
+    # Vectorised checks; the set arithmetic below only runs to describe a failure.
+    if ids.duplicated().any():
         raise AccountingError("a record appears more than once in the manifest")
-    if set(ids) != set(expected) or len(expected) != len(set(expected)):
-        missing = sorted(set(expected) - set(ids))[:5]
-        extra = sorted(set(ids) - set(expected))[:5]
+    if len(ids) != len(expected) or expected.duplicated().any() or not _isin(ids, expected).all():
+        id_set, expected_set = set(ids.tolist()), set(expected.tolist())
+        missing = sorted(expected_set - id_set)[:5]
+        extra = sorted(id_set - expected_set)[:5]
         raise AccountingError(f"manifest records differ from the input: missing {missing}, unexpected {extra}")
     outcome = manifest["outcome"]
-    if not outcome.isin(OUTCOMES).all():
+    if not _isin(outcome, OUTCOMES).all():
         raise AccountingError(f"invalid outcomes: {sorted(set(outcome) - set(OUTCOMES))}")
-    quarantined = manifest[outcome == "quarantined"]
-    if quarantined["reason"].map(_is_blank).any():
+    is_quarantined = (outcome == "quarantined").to_numpy(dtype=bool)
+    if not _present(manifest["reason"][is_quarantined]).all():
         raise AccountingError("a quarantined record has no reason")
-    clean = manifest[outcome == "clean"]
-    if not clean["split"].isin(SPLITS).all():
+    is_clean = (outcome == "clean").to_numpy(dtype=bool)
+    clean_split = manifest["split"][is_clean]
+    if not _isin(clean_split, SPLITS).all():
         raise AccountingError("a clean record has no split")
-    duplicates = manifest[outcome == "duplicate"]
-    if not duplicates["alias_of"].isin(set(clean["sample_id"])).all():
+    is_duplicate = (outcome == "duplicate").to_numpy(dtype=bool)
+    if not _isin(manifest["alias_of"][is_duplicate], manifest["sample_id"][is_clean]).all():
         raise AccountingError("a duplicate is not the alias of a clean sample")
-    counts = {"input": len(expected), "clean": len(clean), "duplicates": len(duplicates), "quarantined": len(quarantined)}
+    n_clean, n_duplicates, n_quarantined = int(is_clean.sum()), int(is_duplicate.sum()), int(is_quarantined.sum())
+    counts = {"input": len(expected), "clean": n_clean, "duplicates": n_duplicates, "quarantined": n_quarantined}
     if counts["clean"] + counts["duplicates"] + counts["quarantined"] != counts["input"]:
         raise AccountingError(f"outcomes do not add up to the input: {counts}")
     return counts
@@ -522,8 +564,16 @@ def clean_dataset(
     clean = manifest[manifest["outcome"] == "clean"]
     # The canonical key (a hash of the canonical PNG) and the mode are in the version, so a
     # change of mode or normalisation makes a new version instead of rewriting an old one.
+    # (From the arrays the manifest was built of: iterating its Arrow-backed columns costs more.)
     version = dataset_version(
-        zip(clean["sample_id"], clean["label"], clean["split"], clean["image_key"], strict=True), context=f"mode={mode}"
+        zip(
+            sample_ids[clean_rows].tolist(),
+            label_column[clean_rows].tolist(),
+            split[clean_rows].tolist(),
+            image_key[clean_rows].tolist(),
+            strict=True,
+        ),
+        context=f"mode={mode}",
     )
     duplicates = manifest[manifest["outcome"] == "duplicate"]
     counts["exact_duplicates"] = int((duplicates["reason"] == "exact").sum())
@@ -554,7 +604,7 @@ def clean_dataset(
     prefix = f"datasets/{version}"
     manifest_key = f"{prefix}/manifest.parquet"
     dataset_json_key = f"{prefix}/dataset.json"
-    storage.write_parquet(manifest_key, manifest)
+    storage.write_bytes(manifest_key, _manifest_parquet(manifest))
     storage.write_json(dataset_json_key, dataset_info)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started

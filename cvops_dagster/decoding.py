@@ -34,6 +34,7 @@ round trip.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
@@ -734,6 +735,26 @@ def process_chunk(
 # ---------------------------------------------------------------------------- worker pool
 
 
+_THREADPOOLS: Any = None  # threadpoolctl controller, made once per process (~3 ms)
+# True only while the parent forks a worker under single-threaded BLAS, so only such a
+# forked child sees it set (spawned and forkserver children start with the default).
+_FORKED_SINGLE_THREADED = False
+
+
+def _threadpools() -> Any:
+    """The process's threadpoolctl controller, or ``None`` without threadpoolctl."""
+    global _THREADPOOLS
+    if _THREADPOOLS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            logger.debug("threadpoolctl not installed; BLAS threads left as they are")
+            _THREADPOOLS = False
+        else:
+            _THREADPOOLS = ThreadpoolController()
+    return _THREADPOOLS or None
+
+
 def _single_threaded_numerics() -> None:
     """Keep each worker on one core: the pool is the parallelism.
 
@@ -741,12 +762,39 @@ def _single_threaded_numerics() -> None:
     products (the pHash DCT) and its threads spin while waiting, so two workers on two
     cores would fight four busy threads.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        logger.debug("threadpoolctl not installed; BLAS threads left as they are")
+    if _FORKED_SINGLE_THREADED:
+        # Forked at one BLAS thread already; calling into OpenBLAS here would (re)create
+        # its thread pool in this child, the very threads that we avoid.
         return
-    threadpool_limits(limits=1)
+    controller = _threadpools()
+    if controller is not None:
+        controller.limit(limits=1)  # applied for the rest of the worker's life
+
+
+def _forking_single_threaded() -> contextlib.AbstractContextManager[Any]:
+    """Single-threaded BLAS in the parent while it forks a worker.
+
+    OpenBLAS re-creates its thread pool in a forked child at the thread count in force at
+    the fork, and those threads spin for a while on the child's first matrix products:
+    measured, they doubled the first chunks' time (two workers on two cores fought four
+    spinning threads). Forking at one thread starts the child with none; the parent's
+    setting is restored right after.
+    """
+    controller = _threadpools()
+    if controller is None:
+        return contextlib.nullcontext()
+    return _single_threaded_fork(controller)
+
+
+@contextlib.contextmanager
+def _single_threaded_fork(controller: Any) -> Any:
+    global _FORKED_SINGLE_THREADED
+    with controller.limit(limits=1, user_api="blas"):
+        _FORKED_SINGLE_THREADED = True
+        try:
+            yield
+        finally:
+            _FORKED_SINGLE_THREADED = False
 
 
 def _init_worker(config: DecodeConfig) -> None:
@@ -920,7 +968,8 @@ def decode_files(
         if frozen:
             gc.freeze()
         try:
-            process.start()
+            with _forking_single_threaded():
+                process.start()
         finally:
             if frozen:
                 gc.unfreeze()

@@ -91,6 +91,45 @@ def perceptual_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _candidate_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """All pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``threshold`` bits.
 
+    Pairs come sorted by ``(i, j)``. Equal hashes are frequent (re-encodes of one image,
+    and tiny similar images such as digits), and the banded search below costs about the
+    square of a band's crowding: so the search runs on the distinct hash values and its
+    pairs are expanded to the images holding them (measured on the 10x digits set: 7,188
+    images, 2,348 distinct hashes, 45 ms -> a few ms).
+    """
+    phash = np.asarray(phash, dtype=np.uint64)
+    n = len(phash)
+    if n < 2 or threshold < 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    values, inverse = np.unique(phash, return_inverse=True)
+    if len(values) == n:
+        return _value_pairs(phash, threshold, block)
+    members = np.argsort(inverse, kind="stable")  # image indices grouped by value
+    sizes = np.bincount(inverse, minlength=len(values))
+    starts = np.cumsum(sizes) - sizes
+    ga, gb = _value_pairs(values, threshold, block)
+    repeated = np.flatnonzero(sizes > 1)  # a value held by several images pairs with itself
+    ga = np.concatenate([ga, repeated])
+    gb = np.concatenate([gb, repeated])
+    widths = sizes[gb]
+    products = sizes[ga] * widths
+    total = int(products.sum())
+    if not total:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    which = np.repeat(np.arange(len(ga)), products)
+    local = np.arange(total) - np.repeat(np.cumsum(products) - products, products)
+    a = members[starts[ga][which] + local // widths[which]]
+    b = members[starts[gb][which] + local % widths[which]]
+    same = ga[which] == gb[which]
+    keep = ~same | (a < b)  # within one value: each unordered pair once, no self pairs
+    a, b = a[keep], b[keep]
+    code = np.sort(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
+    return code // n, code % n
+
+
+def _value_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``threshold`` bits.
+
     Pairs come sorted by ``(i, j)``. Uses the pigeonhole principle (multi-index hashing):
     split the 64 bits into ``threshold + 1`` bands; two hashes within the threshold agree
     exactly on at least one band, so only hashes sharing a band value are compared. That is
@@ -188,16 +227,23 @@ def find_duplicates(
     first_of_code = np.empty(len(first), dtype=np.int64)
     first_of_code[np.unique(codes)] = first
     keep = first_of_code[codes]
-    for i in np.nonzero(keep != np.arange(n))[0]:
-        kind[i] = "exact"
+    kinds = np.full(n, None, dtype=object)
+    kinds[keep != np.arange(n)] = "exact"
 
     if config.hamming_threshold < 0:
-        return keep, kind
+        return keep, kinds.tolist()
     reps = np.sort(first)  # one image per distinct pixel content, in input order
     a, b = _candidate_pairs(np.asarray(phash, dtype=np.uint64)[reps], config.hamming_threshold)
     if len(a):
-        thumbs = np.asarray(compare, dtype=np.float32)[reps]
-        mae = np.abs(thumbs[a] - thumbs[b]).mean(axis=(1, 2))
+        # Integer sums of absolute differences (exact, and cheaper than float means); the
+        # MAE is that sum over the pixel count, compared and ordered the same way.
+        thumbs = np.asarray(compare)[reps].reshape(len(reps), -1)
+        if thumbs.dtype == np.uint8:
+            thumbs = thumbs.astype(np.int16)
+            mae = np.abs(thumbs[a] - thumbs[b]).sum(axis=1, dtype=np.int32) / thumbs.shape[1]
+        else:  # float thumbnails from another source
+            thumbs = thumbs.astype(np.float32)
+            mae = np.abs(thumbs[a] - thumbs[b]).mean(axis=1)
         ok = mae <= config.max_thumbnail_mae
         a, b, mae = a[ok], b[ok], mae[ok]
     leader = np.arange(len(reps), dtype=np.int64)  # index into reps
@@ -211,6 +257,5 @@ def find_duplicates(
     target_of = np.arange(n, dtype=np.int64)
     target_of[reps] = reps[leader]
     final = target_of[keep]
-    for i in np.nonzero(final != keep)[0].tolist():
-        kind[i] = kind[i] or "near"
-    return final, kind
+    kinds[(final != keep) & (kinds == None)] = "near"  # noqa: E711 - element-wise test
+    return final, kinds.tolist()

@@ -8,6 +8,7 @@ import os
 import struct
 import time
 import zlib
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -355,3 +356,40 @@ def test_pool_can_return_pixels_instead_of_encoding(tmp_path) -> None:
     assert rows.loc["big", "pixels"] is None
     assert (tmp_path / "out" / f"{rows.loc['big', 'canonical_sha']}.png").exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{rows.loc['big', 'canonical_sha']}.png"]
+
+
+def _report_threads(conn: Any) -> None:
+    """Child: the worker's numerics set-up and one matrix product, then its thread count."""
+    from cvops_dagster import decoding as decoding_module
+
+    decoding_module._single_threaded_numerics()
+    _ = np.ones((64, 64), dtype=np.float32) @ np.ones((64, 64), dtype=np.float32)
+    with open("/proc/self/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    conn.send(threads)
+    conn.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="thread count read from Linux /proc")
+@pytest.mark.parametrize("matmul_in_parent", [False, True])
+def test_forked_worker_starts_without_blas_threads(matmul_in_parent: bool) -> None:
+    """Forking under single-threaded BLAS leaves the child one thread, even after its
+    numerics set-up and a matrix product (spinning BLAS threads slowed first chunks)."""
+    import multiprocessing
+
+    from cvops_dagster import decoding as decoding_module
+
+    if matmul_in_parent:  # BLAS threads already running in the parent
+        _ = np.ones((256, 256)) @ np.ones((256, 256))
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    with decoding_module._forking_single_threaded():
+        assert decoding_module._FORKED_SINGLE_THREADED is (decoding_module._threadpools() is not None)
+        process = ctx.Process(target=_report_threads, args=(child,))
+        process.start()
+    assert decoding_module._FORKED_SINGLE_THREADED is False
+    child.close()
+    assert parent.poll(20)
+    threads = parent.recv()
+    process.join(5)
+    assert threads == 1

@@ -112,3 +112,19 @@ def test_candidate_pairs_equal_the_exhaustive_comparison(seed: int, threshold: i
     found_i, found_j = _candidate_pairs(hashes, threshold)
     np.testing.assert_array_equal(found_i, expected_i)
     np.testing.assert_array_equal(found_j, expected_j)
+
+
+@pytest.mark.parametrize(("distinct", "threshold"), [(5, 0), (30, 4), (400, 6), (60, 10)])
+def test_candidate_pairs_with_repeated_hashes_equal_the_exhaustive_comparison(distinct: int, threshold: int) -> None:
+    """Many images sharing one hash value (re-encodes): every pair among them and with
+    their close neighbours is found exactly once."""
+    from cvops_dagster.duplicates import _candidate_pairs
+
+    rng = np.random.default_rng(distinct)
+    values = rng.integers(0, 2**63, distinct, dtype=np.uint64) & np.uint64(0xFF0000FF0000FFFF)
+    hashes = values[rng.integers(0, distinct, 300)]
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= threshold
+    expected_i, expected_j = np.nonzero(np.triu(close, 1))
+    found_i, found_j = _candidate_pairs(hashes, threshold)
+    np.testing.assert_array_equal(found_i, expected_i)
+    np.testing.assert_array_equal(found_j, expected_j)
