@@ -184,3 +184,25 @@ def test_remote_store_uses_local_cache_uploads_and_resumes(tmp_path: Path) -> No
     result = train_model(storage, "v1", TINY, other, callbacks=[recorder])
     assert result.resumed_from_epoch == 0 and recorder.start_epoch == 1
     assert storage.exists(result.model_card_key)
+
+
+def test_twenty_classes_train_with_the_same_code(tmp_path: Path) -> None:
+    """Labels, outputs and input spec follow the data: 20 classes (digits and their negatives)."""
+    from PIL import ImageOps
+
+    from cvops_dagster.synthetic_data import digits_images, write_cleaned_dataset
+
+    digits, labels = digits_images(size=16)
+    images, names = [], []
+    per_label: dict[str, int] = {}
+    for image, label in zip(digits, labels, strict=True):
+        for variant, name in ((image, label), (ImageOps.invert(image), f"neg{label}")):
+            if per_label.get(name, 0) < 30:
+                per_label[name] = per_label.get(name, 0) + 1
+                images.append(variant)
+                names.append(name)
+    storage = ArtifactStorage(str(tmp_path))
+    write_cleaned_dataset(storage, "v20", images, names)
+    result = train_model(storage, "v20", TINY, FAST)
+    assert len(result.card["labels"]) == 20 and result.card["num_classes"] == 20
+    assert result.test_accuracy > 0.3  # chance is 0.05
