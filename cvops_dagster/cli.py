@@ -433,7 +433,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvops",
-        description="CVOps on Dagster: ingest image batches, clean, train, export and monitor. "
+        description="CVOps on Dagster: ingest image batches, clean, tune, train, promote and export. "
         f"Environment: {settings.LANDING_ENV} (default {settings.DEFAULT_LANDING}), "
         f"{settings.ARTIFACT_ROOT_ENV} (default {settings.DEFAULT_ARTIFACT_ROOT}), "
         f"{settings.S3_ENDPOINT_ENV}, {settings.DAGSTER_HOME_ENV} (default {settings.DEFAULT_DAGSTER_HOME}).",
