@@ -10,21 +10,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cvops_dagster.ingestion import MANIFEST_COLUMNS
 from cvops_dagster.storage import ArtifactStorage
 
-RAW_COLUMNS = [
-    "record_id",
-    "batch_id",
-    "path",
-    "label",
-    "status",
-    "reason",
-    "sample_id",
-    "image_key",
-    "ext",
-    "size_bytes",
-    "ingested_at",
-]
+RAW_COLUMNS = list(MANIFEST_COLUMNS)  # the raw-manifest contract, from ingestion itself
 
 _BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 
