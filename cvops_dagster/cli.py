@@ -249,11 +249,6 @@ def _metadata_to_json(metadata: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _materialization(record: Any) -> tuple[dict[str, Any], float]:
-    mat = record.asset_materialization
-    return _metadata_to_json(dict(mat.metadata)), record.timestamp
-
-
 def collect_status(instance: Any, defs: Any) -> dict[str, Any]:
     """The latest figures per asset, as ``cvops status --json`` prints them."""
     from dagster import AssetKey, AssetRecordsFilter
@@ -284,7 +279,7 @@ def _raw_images_status(instance: Any, key: Any, records_filter: Any) -> dict[str
         result = instance.fetch_materializations(records_filter(asset_key=key, asset_partitions=[partition]), limit=1)
         if not result.records:
             continue
-        figures, _ = _materialization(result.records[0])
+        figures = _metadata_to_json(dict(result.records[0].asset_materialization.metadata))
         per_batch[partition] = {k: figures.get(k) for k in ("files", "rejected", "bytes")}
         for reason, n in (figures.get("rejected_reasons") or {}).items():
             reasons[reason] = reasons.get(reason, 0) + int(n)

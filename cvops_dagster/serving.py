@@ -126,15 +126,24 @@ def publish(storage: ArtifactStorage, build: RuntimeBuild) -> None:
     )
 
 
+def serving_record(storage: ArtifactStorage) -> dict[str, Any]:
+    """The published runtime (``production/serving.json``).
+
+    Raises:
+        FileNotFoundError: no runtime was published yet.
+    """
+    if not storage.exists(SERVING_KEY):
+        raise FileNotFoundError("no production runtime yet (run `cvops run` first)")
+    return storage.read_json(SERVING_KEY)
+
+
 def production_runtime(storage: ArtifactStorage, int8: bool = False) -> tuple[str, str]:
-    """Key and pinned SHA-256 of the runtime being served (from ``production/serving.json``).
+    """Key and pinned SHA-256 of the runtime being served.
 
     Raises:
         FileNotFoundError: no runtime was published yet, or no INT8 one was accepted.
     """
-    if not storage.exists(SERVING_KEY):
-        raise FileNotFoundError("no production runtime yet (run `cvops run` first)")
-    record = storage.read_json(SERVING_KEY)
+    record = serving_record(storage)
     if int8 and not record.get("int8_key"):
         raise FileNotFoundError(f"production model {record['model_id']} has no accepted INT8 runtime")
     prefix = "int8" if int8 else "fp32"
@@ -145,8 +154,8 @@ def benchmark_production_runtime(storage: ArtifactStorage, threads: int | None =
     """``cvops bench runtime`` on the production model: PyTorch eager vs ORT FP32 vs INT8."""
     from cvops_dagster.runtime_bench import run_runtime_benchmark
 
-    fp32_key, _ = production_runtime(storage)
-    record = storage.read_json(SERVING_KEY)
+    record = serving_record(storage)
+    fp32_key = record["fp32_key"]
     model, card = load_model(storage, record["model_id"])
     data = load_dataset(storage, record["dataset_version"])
     inputs = preprocess(data.splits["test"].images or data.splits["train"].images, card_input_spec(card))
