@@ -46,6 +46,7 @@ from cvops_dagster.decoding import (
     decode_files,
     default_scratch_dir,
     encode_png,
+    single_threaded_blas,
 )
 from cvops_dagster.duplicates import NearDuplicateConfig, find_duplicates
 from cvops_dagster.splits import SPLITS, SplitConfig, assign_splits, dataset_version
@@ -412,6 +413,15 @@ def clean_dataset(
         AccountingError: the outcomes do not account for every ingested record.
         ValueError: the raw manifest repeats a record id.
     """
+    # One BLAS thread for the whole pass: the decode workers are the parallelism, and
+    # switching the count back and forth makes OpenBLAS spin up fresh threads each time.
+    with single_threaded_blas():
+        return _clean_dataset(storage, raw_manifest, config, workers)
+
+
+def _clean_dataset(
+    storage: ArtifactStorage, raw_manifest: pd.DataFrame, config: CleaningConfig, workers: int | None
+) -> CleaningResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     records = raw_manifest[raw_manifest["status"] == "ingested"]

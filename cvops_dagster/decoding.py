@@ -148,16 +148,18 @@ class DecodeConfig:
 class DecodedImage:
     """A decoded, normalised image and what was learnt about its source.
 
+    The canonical pixels are kept as a uint8 array, the form hashing, features and
+    training consume; :attr:`image` wraps them as a Pillow image when one is needed.
+
     Attributes:
-        image: canonical image, mode "L" or "RGB", 8 bits per channel.
+        pixels: canonical pixels, (H, W) for "L" or (H, W, 3) for "RGB", C-contiguous.
         format: source format (Pillow name), ``mode``/``width``/``height`` the source's.
         animated: the source had more than one frame (only the first is kept).
         orientation: the EXIF orientation applied (1 when none).
-        is_color: the image is colour ("RGB" natural mode).
         passthrough: the source bytes already are the canonical PNG.
     """
 
-    image: Image.Image
+    pixels: np.ndarray
     format: str
     mode: str
     width: int
@@ -167,8 +169,26 @@ class DecodedImage:
     passthrough: bool = False
 
     @property
+    def canonical_mode(self) -> str:
+        """ "L" or "RGB"."""
+        return "L" if self.pixels.ndim == 2 else "RGB"
+
+    @property
     def is_color(self) -> bool:
-        return self.image.mode == "RGB"
+        """The image is colour ("RGB" natural mode)."""
+        return self.pixels.ndim == 3
+
+    @property
+    def image(self) -> Image.Image:
+        """The canonical image as a Pillow image (mode :attr:`canonical_mode`)."""
+        return Image.fromarray(self.pixels, mode=self.canonical_mode)
+
+
+def _canonical_array(image: Image.Image) -> np.ndarray:
+    """The pixels of an "L" or "RGB" image as a C-contiguous uint8 array (one copy)."""
+    width, height = image.size
+    shape = (height, width) if image.mode == "L" else (height, width, 3)
+    return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(shape)
 
 
 # ---------------------------------------------------------------------------- detection
@@ -266,23 +286,49 @@ def _decode_plain_png(data: bytes, idat: list[memoryview], config: DecodeConfig)
         raise DecodeFailure(REASON_BOMB, f"{width}x{height} exceeds {config.max_pixels} pixels")
     mode = "L" if colour == 0 else "RGB"
     stream = bytes(idat[0]) if len(idat) == 1 else b"".join(idat)
-    try:
-        image = Image.frombytes(mode, (width, height), stream, "zip", mode)
-    except ValueError as exc:
-        if "not enough image data" in str(exc):
-            raise DecodeFailure(REASON_TRUNCATED, "PNG image data ends early") from exc
-        raise
-    canonical = normalise_mode(image, config) if mode == "RGB" else image
+    pixels = _inflate_png(stream, mode, width, height)
+    passthrough = True
+    if mode == "RGB":
+        gray = _gray_channel(pixels.tobytes(), config.gray_tolerance)
+        if gray is not None:
+            passthrough = False
+            if not gray:  # channels differ within the tolerance: Pillow's luma
+                gray = Image.fromarray(pixels, mode="RGB").convert("L").tobytes()
+            pixels = np.frombuffer(gray, dtype=np.uint8).reshape(height, width)
     return DecodedImage(
-        image=canonical,
+        pixels=pixels,
         format="PNG",
         mode=mode,
         width=width,
         height=height,
         animated=False,
         orientation=1,
-        passthrough=canonical is image,
+        passthrough=passthrough,
     )
+
+
+def _inflate_png(stream: bytes, mode: str, width: int, height: int) -> np.ndarray:
+    """Inflate and unfilter 8-bit, non-interlaced PNG image data straight into an array.
+
+    Pillow's "zip" decoder writes into a Pillow image mapped onto the array's memory
+    (``RGB`` is held as ``RGBX``, Pillow's layout), so there is no image object and no
+    copy out of one.
+    """
+    if mode == "L":
+        buffer = np.empty((height, width), dtype=np.uint8)
+        target = "L"
+    else:
+        buffer = np.empty((height, width, 4), dtype=np.uint8)
+        target = "RGBX"
+    mapped = Image.core.map_buffer(buffer, (width, height), "raw", 0, (target, 0, 1))
+    decoder = Image.core.zip_decoder(target, mode)
+    decoder.setimage(mapped, (0, 0, width, height))
+    consumed, error = decoder.decode(stream)
+    if consumed >= 0:
+        raise DecodeFailure(REASON_TRUNCATED, "PNG image data ends early")
+    if error != 0:
+        raise DecodeFailure(REASON_DECODE, f"PNG image data cannot be decoded (error {error})")
+    return buffer if mode == "L" else np.ascontiguousarray(buffer[..., :3])
 
 
 # ---------------------------------------------------------------------------- normalisation
@@ -348,12 +394,32 @@ def normalise_mode(image: Image.Image, config: DecodeConfig = DecodeConfig()) ->
         except (ValueError, OSError) as exc:
             raise DecodeFailure(REASON_MODE, f"cannot convert mode {mode}: {exc}") from exc
     if result.mode == "RGB" and result.width and result.height:
-        array = np.asarray(result)
-        low = array.min(axis=2)
-        high = array.max(axis=2)
-        if int((high - low).max()) <= config.gray_tolerance:
-            result = result.convert("L")
+        gray = _gray_channel(result.tobytes(), config.gray_tolerance)
+        if gray is not None:
+            result = Image.frombytes("L", result.size, gray) if gray else result.convert("L")
     return result
+
+
+def _gray_channel(raw: bytes, tolerance: int) -> bytes | None:
+    """Whether packed RGB bytes are grayscale within ``tolerance``.
+
+    Returns:
+        The red channel when all three channels are equal (then it *is* Pillow's "L"
+        conversion: the luma weights sum to one), ``b""`` when they differ but only within
+        the tolerance (convert with Pillow), ``None`` for a colour image.
+
+    Strided byte slices and element-wise numpy work on the three planes; a reduction over
+    the last axis of an (H, W, 3) array costs ten times more on small images.
+    """
+    red = raw[0::3]
+    if red == raw[1::3] == raw[2::3]:
+        return red
+    if tolerance <= 0:
+        return None
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).T
+    r, g, b = planes[0], planes[1], planes[2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+    return b"" if int(spread.max()) <= tolerance else None
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:
@@ -485,7 +551,7 @@ def _decode_checked(data: bytes, fmt: str, config: DecodeConfig) -> DecodedImage
         and data[28] == 0  # not interlaced
     )
     return DecodedImage(
-        image=canonical,
+        pixels=_canonical_array(canonical),
         format="JPEG" if image.format == "MPO" else str(image.format or fmt),
         mode=source_mode,
         width=width,
@@ -601,17 +667,6 @@ def _read_file(path: str) -> bytes:
         raise DecodeFailure(REASON_UNREADABLE, str(exc)) from exc
 
 
-def _pixels(image: Image.Image) -> tuple[np.ndarray, str]:
-    """The pixel array of a canonical image (one copy) and its :func:`pixel_hash`."""
-    raw = image.tobytes()
-    width, height = image.size
-    mode = image.mode
-    digest = hashlib.blake2b(f"{mode}:{width}x{height}:".encode(), digest_size=16)
-    digest.update(raw)
-    shape = (height, width) if mode == "L" else (height, width, 3)
-    return np.frombuffer(raw, dtype=np.uint8).reshape(shape), digest.hexdigest()
-
-
 # True in decode workers, whose warning filters are set once by _init_worker.
 _IN_WORKER = False
 
@@ -669,8 +724,8 @@ def process_chunk(
                 _ITEM_HOOK(key)
             data = _read_file(path)
             decoded = decode_image(data, config)
-            image = decoded.image
-            array, digest = _pixels(image)
+            array = decoded.pixels
+            digest = pixel_hash(array)
             if decoded.passthrough:
                 sha = _write_canonical(out_path, data, source=path) if write_passthrough else hashlib.sha256(data).hexdigest()
             elif array.nbytes <= keep_pixels_up_to:
@@ -680,7 +735,7 @@ def process_chunk(
                 cache_key = (out_text, digest)
                 sha = _ENCODED.get(cache_key)
                 if sha is None or not os.path.exists(out_path / f"{sha}.png"):
-                    sha = _write_canonical(out_path, encode_png(image, level))
+                    sha = _write_canonical(out_path, encode_png(decoded.image, level))
                     if len(_ENCODED) < _ENCODED_MAX:
                         _ENCODED[cache_key] = sha
         except DecodeFailure as exc:
@@ -698,7 +753,7 @@ def process_chunk(
         orig_size[index] = (decoded.width, decoded.height)
         animated[index] = decoded.animated
         orientation[index] = decoded.orientation
-        columns["canonical_mode"][index] = image.mode
+        columns["canonical_mode"][index] = decoded.canonical_mode
         columns["canonical_sha"][index] = sha
         columns["pixel_hash"][index] = digest
         passthrough[index] = decoded.passthrough
@@ -706,7 +761,7 @@ def process_chunk(
         if array.shape == (THUMB_SIZE, THUMB_SIZE):
             thumbs[index] = array
         else:
-            gray = image if image.mode == "L" else image.convert("L")
+            gray = Image.fromarray(array, mode="L") if array.ndim == 2 else decoded.image.convert("L")
             thumbs[index] = np.asarray(gray.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
         canonical.append(array)
     if state is not None:
@@ -771,29 +826,37 @@ def _single_threaded_numerics() -> None:
         controller.limit(limits=1)  # applied for the rest of the worker's life
 
 
-def _forking_single_threaded() -> contextlib.AbstractContextManager[Any]:
-    """Single-threaded BLAS in the parent while it forks a worker.
-
-    OpenBLAS re-creates its thread pool in a forked child at the thread count in force at
-    the fork, and those threads spin for a while on the child's first matrix products:
-    measured, they doubled the first chunks' time (two workers on two cores fought four
-    spinning threads). Forking at one thread starts the child with none; the parent's
-    setting is restored right after.
-    """
-    controller = _threadpools()
-    if controller is None:
-        return contextlib.nullcontext()
-    return _single_threaded_fork(controller)
+_SINGLE_THREADED_DEPTH = 0
 
 
 @contextlib.contextmanager
-def _single_threaded_fork(controller: Any) -> Any:
-    global _FORKED_SINGLE_THREADED
+def single_threaded_blas() -> Any:
+    """Single-threaded BLAS in this process for the block (re-entrant).
+
+    Decode workers are forked inside it: OpenBLAS re-creates its thread pool in a forked
+    child at the thread count in force at the fork, and those threads spin on the child's
+    first matrix products (measured: they doubled the first chunks' time). It is held for
+    the whole pool's life, not toggled around each fork: every return to more threads
+    makes OpenBLAS start fresh helper threads that spin for a while (measured: ~0.1 s of
+    CPU per restore, taken from the workers on a small machine). The caller's setting is
+    restored when the outermost block ends.
+    """
+    global _FORKED_SINGLE_THREADED, _SINGLE_THREADED_DEPTH
+    controller = _threadpools()
+    if controller is None or _SINGLE_THREADED_DEPTH:
+        _SINGLE_THREADED_DEPTH += 1
+        try:
+            yield
+        finally:
+            _SINGLE_THREADED_DEPTH -= 1
+        return
     with controller.limit(limits=1, user_api="blas"):
+        _SINGLE_THREADED_DEPTH += 1
         _FORKED_SINGLE_THREADED = True
         try:
             yield
         finally:
+            _SINGLE_THREADED_DEPTH -= 1
             _FORKED_SINGLE_THREADED = False
 
 
@@ -968,8 +1031,7 @@ def decode_files(
         if frozen:
             gc.freeze()
         try:
-            with _forking_single_threaded():
-                process.start()
+            process.start()
         finally:
             if frozen:
                 gc.unfreeze()
@@ -1012,9 +1074,12 @@ def decode_files(
             seq += 1
         return True
 
-    pool: list[_Worker] = [start_worker() for _ in range(n_workers)]
+    pool: list[_Worker] = []
     startup_failures = 0
+    blas = contextlib.ExitStack()
     try:
+        blas.enter_context(single_threaded_blas())  # for the pool's life, see there
+        pool.extend(start_worker() for _ in range(n_workers))
         while pending or any(w.tasks for w in pool):
             for worker in pool:
                 # Keep a second small chunk queued so the worker never waits for us; a
@@ -1093,6 +1158,7 @@ def decode_files(
                 worker.process.kill()
                 worker.process.join()
             worker.conn.close()
+        blas.close()
 
     frame, phash, compare = _assemble(chunk_results, failures, index_of)
     stats.seconds = time.perf_counter() - started

@@ -383,7 +383,7 @@ def test_forked_worker_starts_without_blas_threads(matmul_in_parent: bool) -> No
         _ = np.ones((256, 256)) @ np.ones((256, 256))
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
-    with decoding_module._forking_single_threaded():
+    with decoding_module.single_threaded_blas():
         assert decoding_module._FORKED_SINGLE_THREADED is (decoding_module._threadpools() is not None)
         process = ctx.Process(target=_report_threads, args=(child,))
         process.start()
