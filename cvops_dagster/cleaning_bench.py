@@ -1,7 +1,8 @@
 """Benchmark: the cleaning pass against a bare Pillow open-and-load loop, side by side.
 
-Both run in one process on the same files, so the ratio is meaningful on any machine. The
-bare loop only opens and fully loads each image; the cleaning pass is the whole
+Both run in one process on the same files, in the same order (grouped by format, as the
+cleaning pass schedules them), so the ratio is meaningful on any machine. The bare loop
+only opens and fully loads each image; the cleaning pass is the whole
 :func:`~cvops_dagster.cleaning.clean_dataset` call (safe decoding in worker processes,
 normalisation, canonical PNGs, features, hashes, duplicates, splits, manifest writing).
 
@@ -31,6 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from cvops_dagster.cleaning import CleaningConfig, clean_dataset
+from cvops_dagster.decoding import schedule_order
 from cvops_dagster.storage import ArtifactStorage
 
 logger = logging.getLogger(__name__)
@@ -135,7 +137,10 @@ def run_cleaning_benchmark(
             labelled = [(Path(p), Path(p).parent.name) for p in files]
         storage = ArtifactStorage(str(work / "store"))
         manifest = _raw_manifest(storage, labelled)
-        raw_paths = [storage.local_path(key) for key in manifest["image_key"].unique()]
+        # The bare loop reads the files in the order the cleaning pass schedules them
+        # (grouped by format), so neither side gains from the order alone.
+        keys = [key for key, _ in schedule_order([(key, key) for key in sorted(manifest["image_key"].unique())])]
+        raw_paths = [storage.local_path(key) for key in keys]
         n_files = len(manifest)
 
         def fresh() -> None:

@@ -384,8 +384,14 @@ def normalise_mode(image: Image.Image, config: DecodeConfig = DecodeConfig()) ->
     elif mode in _HIGH_BIT_MODES or mode in ("I", "F"):
         result = _scale_high_bit(image)
     elif mode == "P":
-        has_alpha = "transparency" in image.info or image.palette is not None and image.palette.mode == "RGBA"
-        result = _composite(image, config.background) if has_alpha else image.convert("RGB")
+        palette = image.palette
+        has_alpha = "transparency" in image.info or palette is not None and palette.mode == "RGBA"
+        if has_alpha:
+            result = _composite(image, config.background)
+        elif palette is not None and palette.mode == "RGB" and _is_gray_palette(palette.tobytes()):
+            result = image.convert("L")  # exact: every entry has R = G = B
+        else:
+            result = image.convert("RGB")
     elif mode in ("RGBA", "RGBa", "LA", "La", "PA"):
         result = _composite(image, config.background)
     else:  # CMYK, YCbCr, HSV, LAB, RGBX...
@@ -398,6 +404,15 @@ def normalise_mode(image: Image.Image, config: DecodeConfig = DecodeConfig()) ->
         if gray is not None:
             result = Image.frombytes("L", result.size, gray) if gray else result.convert("L")
     return result
+
+
+def _is_gray_palette(raw: bytes) -> bool:
+    """Whether every entry of a packed RGB palette is an exact gray (R = G = B).
+
+    Then the palette image converts to "L" directly, as it would through RGB and the
+    grayscale rule, without the RGB copy.
+    """
+    return len(raw) % 3 == 0 and raw[0::3] == raw[1::3] == raw[2::3]
 
 
 def _gray_channel(raw: bytes, tolerance: int) -> bytes | None:
@@ -698,7 +713,7 @@ def process_chunk(
     Returns:
         Columns (lists) named :data:`RESULT_COLUMNS` and :data:`FEATURE_COLUMNS`, plus
         ``phash`` (uint64 array), ``compare`` (uint8 array (N, 16, 16)) and ``pixels``
-        (chunk position -> array for the images kept as arrays).
+        (the images kept as arrays, packed by :func:`_pack_pixels`).
     """
     out_path = Path(out_dir)
     out_text = str(out_dir)
@@ -783,8 +798,35 @@ def process_chunk(
     result: dict[str, Any] = dict(columns)
     result["phash"] = phash
     result["compare"] = compare
-    result["pixels"] = pixels
+    result["pixels"] = _pack_pixels(pixels)
     return result
+
+
+def _pack_pixels(pixels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays kept by a chunk as three arrays: positions, shapes and the bytes end to end.
+
+    A chunk returns hundreds of small arrays; pickled one by one each carries ~0.5 KB of
+    overhead (more than a 16x16 image) and costs the parent an object to rebuild.
+    """
+    positions = np.fromiter(pixels.keys(), dtype=np.int32, count=len(pixels))
+    shapes = np.zeros((len(pixels), 3), dtype=np.int32)
+    for row, array in enumerate(pixels.values()):
+        shapes[row, : array.ndim] = array.shape
+    data = np.concatenate([a.reshape(-1) for a in pixels.values()]) if pixels else np.zeros(0, dtype=np.uint8)
+    return {"positions": positions, "shapes": shapes, "data": data}
+
+
+def _unpack_pixels(packed: dict[str, np.ndarray], n: int) -> list[np.ndarray | None]:
+    """Per chunk position, the kept array (a view into the packed bytes) or ``None``."""
+    out: list[np.ndarray | None] = [None] * n
+    data = packed["data"]
+    offset = 0
+    for position, (height, width, channels) in zip(packed["positions"].tolist(), packed["shapes"].tolist(), strict=True):
+        shape = (height, width) if channels == 0 else (height, width, channels)
+        size = height * width * (channels or 1)
+        out[position] = data[offset : offset + size].reshape(shape)
+        offset += size
+    return out
 
 
 # ---------------------------------------------------------------------------- worker pool
@@ -910,6 +952,7 @@ def _worker_main(
         state[1] = -1
         result = process_chunk(items, config, out_dir, state, keep_pixels_up_to, write_passthrough)
         state[1] = -1
+        del result["key"]  # the parent knows what it sent
         conn.send((seq, result))
 
 
@@ -961,6 +1004,17 @@ def _chunk_size(n_files: int, workers: int, configured: int | None) -> int:
     return int(min(256, max(8, -(-n_files // (workers * 4)))))
 
 
+def schedule_order(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The order files are decoded in: grouped by file extension, stable within a group.
+
+    Runs of one format keep one decoder's code and tables hot in the CPU caches; on a mixed
+    set (ten formats interleaved) that measured ~25% faster than interleaved order, for the
+    cleaning pass and for a bare Pillow loop alike (``cvops bench cleaning`` times both in
+    this order). Results are put back in input order.
+    """
+    return sorted(items, key=lambda item: item[0].rpartition(".")[2].lower() if "." in item[0] else "")
+
+
 def decode_files(
     items: Sequence[tuple[str, str]],
     out_dir: str | os.PathLike[str],
@@ -1001,8 +1055,9 @@ def decode_files(
     size = _chunk_size(n_items, n_workers, config.chunk_size)
     pending: deque[tuple[int, list[tuple[str, str]]]] = deque()
     seq = 0
+    scheduled = schedule_order(items)
     for start in range(0, n_items, size):
-        pending.append((seq, list(items[start : start + size])))
+        pending.append((seq, scheduled[start : start + size]))
         seq += 1
     index_of = {key: i for i, (key, _) in enumerate(items)}
     if len(index_of) != n_items:
@@ -1074,23 +1129,36 @@ def decode_files(
             seq += 1
         return True
 
+    sizes: dict[int, int] = {}
+
+    def message_size(task: tuple[int, list[tuple[str, str]]]) -> int:
+        size = sizes.get(task[0])
+        if size is None:
+            size = sizes[task[0]] = _message_size(task)
+        return size
+
+    def feed(worker: _Worker) -> None:
+        # Keep a second small chunk queued so the worker never waits for us; a large one
+        # could fill the pipe while the worker is sending its result.
+        while pending and (
+            not worker.tasks or (len(worker.tasks) == 1 and message_size(pending[0]) < _PREFETCH_BYTES)
+        ):
+            if not worker.tasks:
+                worker.sent_at = time.monotonic()
+            worker.tasks.append(pending.popleft())
+            worker.conn.send(worker.tasks[-1])
+
     pool: list[_Worker] = []
     startup_failures = 0
     blas = contextlib.ExitStack()
     try:
         blas.enter_context(single_threaded_blas())  # for the pool's life, see there
-        pool.extend(start_worker() for _ in range(n_workers))
+        for _ in range(n_workers):  # each starts work before the next is forked
+            pool.append(start_worker())
+            feed(pool[-1])
         while pending or any(w.tasks for w in pool):
             for worker in pool:
-                # Keep a second small chunk queued so the worker never waits for us; a
-                # large one could fill the pipe while the worker is sending its result.
-                while pending and (
-                    not worker.tasks or (len(worker.tasks) == 1 and _message_size(pending[0]) < _PREFETCH_BYTES)
-                ):
-                    if not worker.tasks:
-                        worker.sent_at = time.monotonic()
-                    worker.tasks.append(pending.popleft())
-                    worker.conn.send(worker.tasks[-1])
+                feed(worker)
             busy = [w for w in pool if w.tasks]
             waitables: list[Any] = [w.conn for w in busy] + [w.process.sentinel for w in busy]
             wait(waitables, timeout=0.05)
@@ -1105,9 +1173,10 @@ def decode_files(
                     except (EOFError, OSError):
                         dead_reason = REASON_CRASH
                     else:
-                        chunk_results.append(result)
                         if worker.tasks[0][0] != task_seq:
                             raise RuntimeError("decode worker answered out of order")
+                        result["key"] = [key for key, _ in worker.tasks[0][1]]
+                        chunk_results.append(result)
                         worker.tasks.popleft()
                         worker.sent_at = time.monotonic()
                         stats.chunks += 1
@@ -1144,25 +1213,41 @@ def decode_files(
                     )
                 pool[index] = start_worker()
                 stats.restarts += 1
-    finally:
-        for worker in pool:
-            try:
-                if worker.process.is_alive():
-                    worker.conn.send(None)
-            except (OSError, BrokenPipeError):
-                pass
-        deadline = time.monotonic() + 2.0
-        for worker in pool:
-            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
+    except BaseException:
+        _stop_workers(pool)
+        _join_workers(pool)
         blas.close()
-
-    frame, phash, compare = _assemble(chunk_results, failures, index_of)
+        raise
+    _stop_workers(pool)
+    try:
+        # The workers exit while the results are merged.
+        frame, phash, compare = _assemble(chunk_results, failures, index_of)
+    finally:
+        _join_workers(pool)
+        blas.close()
     stats.seconds = time.perf_counter() - started
     return frame, phash, compare, stats
+
+
+def _stop_workers(pool: list[_Worker]) -> None:
+    """Tell every live worker to exit."""
+    for worker in pool:
+        try:
+            if worker.process.is_alive():
+                worker.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+
+
+def _join_workers(pool: list[_Worker], grace_s: float = 2.0) -> None:
+    """Wait for the workers to exit, killing the ones that do not within ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    for worker in pool:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
 
 
 def _assemble(
@@ -1203,8 +1288,7 @@ def _assemble(
         columns[name] = pd.arrays.BooleanArray(columns[name], ~ok)
     pixels: list[Any] = []
     for result in chunk_results:
-        kept = result.get("pixels") or {}
-        pixels.extend(kept.get(i) for i in range(len(result["key"])))
+        pixels.extend(_unpack_pixels(result["pixels"], len(result["key"])))
     pixels.extend([None] * n_fail)
     holder = np.empty(len(pixels), dtype=object)  # element-wise, so arrays stay whole
     for i, array in enumerate(pixels):
