@@ -72,9 +72,18 @@ def _luma(stack: np.ndarray) -> np.ndarray:
 
 
 def _moments(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row mean and (population) variance of a 2-D array, in one pass of dot products."""
+    """Per-row mean and (population) variance of a 2-D array, in one pass of dot products.
+
+    Sums of float32 rows go through a matrix-vector product: the values here are integers
+    (pixels, Laplacians) whose row sums stay below 2**24, so the float32 sum is exact, and
+    BLAS does it several times faster than a reduction with a float64 accumulator.
+    """
     count = flat.shape[1]
-    mean = flat.sum(axis=1, dtype=np.float64) / count
+    if flat.dtype == np.float32 and count * 1020 < 2**24:
+        total = (flat @ np.ones(count, dtype=np.float32)).astype(np.float64)
+    else:
+        total = flat.sum(axis=1, dtype=np.float64)
+    mean = total / count
     square = np.einsum("ij,ij->i", flat, flat).astype(np.float64) / count
     return mean, np.maximum(square - mean * mean, 0.0)
 
@@ -88,9 +97,13 @@ def _stack_stats(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     brightness = mean / 255.0
     contrast = np.sqrt(variance) / 255.0
     if height >= 3 and width >= 3:
-        laplacian = (
-            gray[:, :-2, 1:-1] + gray[:, 2:, 1:-1] + gray[:, 1:-1, :-2] + gray[:, 1:-1, 2:] - 4.0 * gray[:, 1:-1, 1:-1]
-        )
+        # Accumulated in place: each temporary of a chunk's stack is a fresh allocation
+        # large enough to be page-faulted in on every call.
+        laplacian = np.add(gray[:, :-2, 1:-1], gray[:, 2:, 1:-1])
+        laplacian += gray[:, 1:-1, :-2]
+        laplacian += gray[:, 1:-1, 2:]
+        center = np.multiply(gray[:, 1:-1, 1:-1], 4.0)
+        laplacian -= center
         _, sharpness = _moments(laplacian.reshape(n, -1))
     else:
         sharpness = np.zeros(n, dtype=np.float64)
