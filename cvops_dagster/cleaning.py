@@ -178,7 +178,29 @@ class CleaningResult:
 _KEEP_PIXELS_BYTES = 64 * 64 * 3
 
 
+# ArtifactStorage's key rule as an RE2 pattern ("$" is the end of the text in RE2).
 _BAD_KEY = r"^$|^/|//|/$|\\|(?:^|/)\.\.?(?:/|$)"
+
+
+def _invalid_key(key: str) -> bool:
+    """ArtifactStorage's key rule for one key (see ArtifactStorage._path)."""
+    return not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in key.split("/"))
+
+
+def _first_invalid_key(keys: list[str]) -> str | None:
+    """The first key the storage's key rule rejects (see ArtifactStorage._path), if any.
+
+    Checked for all keys at once with Arrow's regular expressions (RE2), ~4 ms for 18k keys
+    where Python's ``re`` over each key or over the joined keys takes 10-50 ms.
+    """
+    try:
+        bad = pc.match_substring_regex(pa.array(keys, type=pa.string()), _BAD_KEY)
+        if not pc.any(bad).as_py():
+            return None
+        return keys[int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])]
+    except (pa.ArrowException, TypeError, ValueError):
+        pass
+    return next((key for key in keys if _invalid_key(key)), None)
 
 
 def _present(values: pd.Series) -> np.ndarray:
@@ -220,9 +242,9 @@ def _stage_inputs(
     if storage.is_local:
         root = str(storage.local_path(CANONICAL_PREFIX))[: -len(CANONICAL_PREFIX)]
         # The storage's own key rule (see ArtifactStorage._path), checked for all keys at once.
-        bad = pd.Series(keys, dtype=object).astype(str).str.contains(_BAD_KEY, regex=True)
-        if bad.any():
-            raise ValueError(f"invalid artifact key {keys[int(np.flatnonzero(bad.to_numpy())[0])]!r}")
+        bad = _first_invalid_key(keys)
+        if bad is not None:
+            raise ValueError(f"invalid artifact key {bad!r}")
         items = [(key, root + key) for key in keys]
         out_dir = storage.local_path(CANONICAL_PREFIX)
         assert out_dir is not None
@@ -424,16 +446,38 @@ def _clean_dataset(
 ) -> CleaningResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    records = raw_manifest[raw_manifest["status"] == "ingested"]
+    records = raw_manifest[raw_manifest["status"] == "ingested"].reset_index(drop=True)
     if records["record_id"].duplicated().any():
         raise ValueError("raw manifest repeats record ids")
-    sort_columns = [c for c in ("ingested_at", "record_id") if c in records.columns]
-    records = records.sort_values(sort_columns, kind="stable").reset_index(drop=True)
     n = len(records)
 
-    raw_keys = records["image_key"].to_numpy(dtype=object)
-    has_key = _present(records["image_key"])
-    keys = sorted(set(raw_keys[has_key].tolist()))
+    # Distinct keys, sorted, and the decode row of each record (-1: no image_key): all the
+    # decoding needs. The rest of the preparation runs while the workers decode.
+    unsorted_keys = records["image_key"].to_numpy(dtype=object)
+    unsorted_has_key = _present(records["image_key"])
+    codes, uniques = pd.factorize(records["image_key"][unsorted_has_key], sort=True)
+    keys = [str(key) for key in uniques]
+    unsorted_row_of = np.full(n, -1, dtype=np.int64)
+    unsorted_row_of[unsorted_has_key] = codes
+    prepared: dict[str, Any] = {}
+
+    def prepare() -> None:
+        """Records in ingestion order (earliest kept among duplicates) and their columns."""
+        sort_columns = [c for c in ("ingested_at", "record_id") if c in records.columns]
+        order = records.sort_values(sort_columns, kind="stable").index.to_numpy()
+        ordered = records.take(order).reset_index(drop=True)
+        prepared.update(
+            records=ordered,
+            raw_keys=unsorted_keys[order],
+            row_of=unsorted_row_of[order],
+            labels=ordered["label"].to_numpy(dtype=object),
+            labelled=_present(ordered["label"]),
+            sample_ids=ordered["sample_id"].to_numpy(dtype=object),
+            record_ids=ordered["record_id"].to_numpy(dtype=object),
+            batch_ids=ordered["batch_id"].to_numpy(dtype=object),
+            paths=ordered["path"].to_numpy(dtype=object),
+        )
+
     scratch = None if storage.is_local else default_scratch_dir()
     try:
         items, out_dir = _stage_inputs(storage, keys, scratch)
@@ -444,11 +488,15 @@ def _clean_dataset(
             workers,
             keep_pixels_up_to=_KEEP_PIXELS_BYTES,
             write_passthrough=False,
+            meanwhile=prepare,
         )
+        if not prepared:  # no file to decode: the pool did not start
+            prepare()
+        records = prepared["records"]
+        raw_keys = prepared["raw_keys"]
+        row_of = prepared["row_of"]
         timings["decode_s"] = time.perf_counter() - started
         mark = time.perf_counter()
-        # Decode row of each record (-1: no image_key), all columns picked at once.
-        row_of = pd.Index(keys).get_indexer(pd.Series(raw_keys).where(has_key, None)).astype(np.int64)
         have = row_of >= 0
         safe_row = np.where(have, row_of, 0)
 
@@ -461,8 +509,8 @@ def _clean_dataset(
             values[~have] = None
             return values
 
-        labels = records["label"].to_numpy(dtype=object)
-        labelled = _present(records["label"])
+        labels = prepared["labels"]
+        labelled = prepared["labelled"]
         ok = np.asarray(decoded["ok"].to_numpy(dtype=bool))[safe_row] & have
         outcome = np.full(n, "quarantined", dtype=object)
         reason = pick("reason")
@@ -491,7 +539,7 @@ def _clean_dataset(
             compare_all[safe_row][eligible],
             config.near_duplicates,
         )
-        sample_ids = records["sample_id"].to_numpy(dtype=object)
+        sample_ids = prepared["sample_ids"]
         group_label = pd.Series(labels[eligible].astype(str))
         label_count = group_label.groupby(keep).nunique()
         conflict_local = label_count.reindex(keep).to_numpy() > 1
@@ -529,7 +577,9 @@ def _clean_dataset(
     mark = time.perf_counter()
     phash_text = np.full(n, None, dtype=object)
     if ok.any():
-        phash_text[ok] = np.char.zfill(np.char.mod("%x", phash_all[safe_row][ok]), 16).astype(object)
+        # Big-endian bytes in hex: the zero-padded 16-digit hex of each hash.
+        text = phash_all[safe_row][ok].astype(">u8").tobytes().hex()
+        phash_text[ok] = [text[i : i + 16] for i in range(0, len(text), 16)]
     label_column = labels.copy()
     label_column[~labelled] = None
     label_column[labelled] = np.array([str(v) for v in labels[labelled].tolist()] + [""], dtype=object)[:-1]
@@ -537,9 +587,9 @@ def _clean_dataset(
     channels[~ok] = pd.NA
     manifest = pd.DataFrame(
         {
-            "record_id": records["record_id"].to_numpy(dtype=object),
-            "batch_id": records["batch_id"].to_numpy(dtype=object),
-            "path": records["path"].to_numpy(dtype=object),
+            "record_id": prepared["record_ids"],
+            "batch_id": prepared["batch_ids"],
+            "path": prepared["paths"],
             "sample_id": sample_ids,
             "label": label_column,
             "outcome": outcome,

@@ -967,9 +967,18 @@ def _init_worker(config: DecodeConfig) -> None:
 
 
 def _worker_main(
-    conn: Connection, state: Any, config: DecodeConfig, out_dir: str, keep_pixels_up_to: int, write_passthrough: bool
+    conn: Connection,
+    state: Any,
+    config: DecodeConfig,
+    out_dir: str,
+    keep_pixels_up_to: int,
+    write_passthrough: bool,
+    root: str | None = None,
 ) -> None:
-    """Worker loop: receive ``(seq, items)``, send ``(seq, result)``; ``None`` stops it."""
+    """Worker loop: receive ``(seq, items)``, send ``(seq, result)``; ``None`` stops it.
+
+    With ``root``, a task lists keys only and a file's path is ``root + key``.
+    """
     _init_worker(config)
     while True:
         try:
@@ -982,6 +991,8 @@ def _worker_main(
             conn.close()
             os._exit(0)
         seq, items = message
+        if root is not None:
+            items = [(key, root + key) for key in items]
         state[0] = seq
         state[1] = -1
         result = process_chunk(items, config, out_dir, state, keep_pixels_up_to, write_passthrough)
@@ -1026,9 +1037,22 @@ def _failure_row(key: str, reason: str, detail: str, position: int) -> dict[str,
 _PREFETCH_BYTES = 48 * 1024
 
 
-def _message_size(task: tuple[int, list[tuple[str, str]]]) -> int:
+def _message_size(task: tuple[int, list[tuple[str, str]]], root: str | None) -> int:
     """A generous estimate of a task message's pickled size."""
+    if root is not None:
+        return 64 + sum(len(key) + 8 for key, _ in task[1])
     return 64 + sum(len(key) + len(path) + 16 for key, path in task[1])
+
+
+def _common_root(items: Sequence[tuple[str, str]]) -> str | None:
+    """The prefix ``root`` with ``path == root + key`` for every item, if there is one."""
+    if not items:
+        return None
+    key, path = items[0]
+    if not path.endswith(key):
+        return None
+    root = path[: len(path) - len(key)]
+    return root if all(path == root + key for key, path in items) else None
 
 
 def _chunk_size(n_files: int, workers: int, configured: int | None) -> int:
@@ -1051,8 +1075,11 @@ def schedule_order(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _schedule_permutation(items: Sequence[tuple[str, str]]) -> list[int]:
     """Input positions in :func:`schedule_order`'s order."""
-    extensions = [key.rpartition(".")[2].lower() if "." in key else "" for key, _ in items]
-    return sorted(range(len(items)), key=extensions.__getitem__)
+    groups: dict[str, list[int]] = {}
+    for index, (key, _) in enumerate(items):
+        dot = key.rfind(".")
+        groups.setdefault(key[dot + 1 :].lower() if dot >= 0 else "", []).append(index)
+    return [index for extension in sorted(groups) for index in groups[extension]]
 
 
 def decode_files(
@@ -1063,6 +1090,7 @@ def decode_files(
     *,
     keep_pixels_up_to: int = 0,
     write_passthrough: bool = True,
+    meanwhile: Callable[[], Any] | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, PoolStats]:
     """Decode files in worker processes, quarantining the ones that hang or crash.
 
@@ -1078,6 +1106,9 @@ def decode_files(
         write_passthrough: place files that already are canonical PNGs in ``out_dir``
             (a hard link); ``False`` only reports their sha256 (the caller can use the
             raw file itself, which is content addressed too).
+        meanwhile: called once in this process after the workers have started on their
+            first tasks, for the caller's own preparation while they decode (an exception
+            from it stops the workers and propagates).
 
     Returns:
         ``(frame, phash, compare, stats)``: one row per item in input order (columns
@@ -1096,6 +1127,7 @@ def decode_files(
     pending: deque[tuple[int, list[tuple[str, str]]]] = deque()
     if len({key for key, _ in items}) != n_items:
         raise ValueError("decode_files needs unique keys")
+    root = _common_root(items)
     seq = 0
     order = np.asarray(_schedule_permutation(items), dtype=np.int64)
     # Input position of every item of every task, by task number.
@@ -1118,7 +1150,7 @@ def decode_files(
         state[0], state[1], state[2] = -1.0, -1.0, 0.0
         process = ctx.Process(
             target=_worker_main,
-            args=(child, state, config, str(out_dir), keep_pixels_up_to, write_passthrough),
+            args=(child, state, config, str(out_dir), keep_pixels_up_to, write_passthrough, root),
             daemon=True,
             name="cvops-decode",
         )
@@ -1180,7 +1212,7 @@ def decode_files(
     def message_size(task: tuple[int, list[tuple[str, str]]]) -> int:
         size = sizes.get(task[0])
         if size is None:
-            size = sizes[task[0]] = _message_size(task)
+            size = sizes[task[0]] = _message_size(task, root)
         return size
 
     def feed(worker: _Worker) -> None:
@@ -1192,7 +1224,10 @@ def decode_files(
             if not worker.tasks:
                 worker.sent_at = time.monotonic()
             worker.tasks.append(pending.popleft())
-            worker.conn.send(worker.tasks[-1])
+            task_seq, task_items = worker.tasks[-1]
+            # Paths under a common root travel as keys only: a smaller message, which also
+            # lets a second task be queued (see _PREFETCH_BYTES).
+            worker.conn.send((task_seq, [key for key, _ in task_items] if root is not None else task_items))
 
     pool: list[_Worker] = []
     startup_failures = 0
@@ -1202,6 +1237,8 @@ def decode_files(
         for _ in range(n_workers):  # each starts work before the next is forked
             pool.append(start_worker())
             feed(pool[-1])
+        if meanwhile is not None:
+            meanwhile()
         while pending or any(w.tasks for w in pool):
             for worker in pool:
                 feed(worker)

@@ -240,3 +240,32 @@ def test_canonical_keys_reuse_canonical_raw_files_and_encode_only_clean_images(s
     )
     # Only clean images were written: the duplicate BMP got no canonical file of its own.
     assert len(storage.list("canonical")) == 2
+
+
+KEY_CASES = [
+    "images/a.png", "", "/abs", "a//b", "a/", "a\\b", "a/./b", "a/../b", "./a", "../a", "a/.", "a/..",
+    ".", "..", "a\nb", "a\n/b", "ok/.hidden", "a..b", "a/.b/c", "a/\n", "a/.\n", "\n", "images/ü.png",
+]
+
+
+@pytest.mark.parametrize("key", KEY_CASES)
+def test_bulk_key_check_agrees_with_the_storage_rule(storage: ArtifactStorage, key: str) -> None:
+    """The all-keys-at-once check rejects exactly the keys ArtifactStorage rejects."""
+    from cvops_dagster.cleaning import _first_invalid_key
+
+    try:
+        storage.local_path(key)
+    except ValueError:
+        storage_rejects = True
+    else:
+        storage_rejects = False
+    assert (_first_invalid_key(["images/ok.png", key, "images/also-ok.png"]) == key) is storage_rejects
+
+
+def test_invalid_raw_image_key_stops_cleaning(storage: ArtifactStorage) -> None:
+    """A raw manifest naming a key outside the storage rule is refused, not read."""
+    images, labels = digit_images(2)
+    frame = raw_manifest(storage, "b1", [("ok.png", labels[0], encode(Image.fromarray(images[0])))])
+    frame.loc[0, "image_key"] = "images/../../etc/passwd"
+    with pytest.raises(ValueError, match="invalid artifact key"):
+        clean_dataset(storage, frame, CleaningConfig(), workers=1)

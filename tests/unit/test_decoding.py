@@ -393,3 +393,56 @@ def test_forked_worker_starts_without_blas_threads(matmul_in_parent: bool) -> No
     threads = parent.recv()
     process.join(5)
     assert threads == 1
+
+
+def _reference_canonical(data: bytes, tolerance: int = 2) -> np.ndarray:
+    """Pillow's own decode followed by the documented rule, step by step (no fast path)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        rgb = image.convert("RGB") if image.mode != "L" else image
+    if rgb.mode == "RGB":
+        array = np.asarray(rgb).astype(np.int16)
+        if int((array.max(axis=2) - array.min(axis=2)).max()) <= tolerance:
+            return np.asarray(rgb.convert("L"))
+    return np.asarray(rgb)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gray_png", "rgb_png", "near_gray_rgb_png", "exact_gray_rgb_png", "gray_palette_gif", "colour_palette_gif", "multi_idat_png"],
+)
+def test_fast_paths_match_pillow_and_the_mode_rule(case: str) -> None:
+    """Plain PNGs inflated into arrays and palettes converted straight to L give exactly
+    the pixels of Pillow's decode plus the grayscale rule."""
+    gray = np.asarray(textured(23, 17, seed=5).convert("L"))
+    colour = np.asarray(textured(23, 17, seed=6).convert("RGB"))
+    if case == "gray_png":
+        data = encode(Image.fromarray(gray, mode="L"))
+    elif case == "rgb_png":
+        data = encode(Image.fromarray(colour, mode="RGB"))
+    elif case == "near_gray_rgb_png":  # channels differ by at most 2: grayscale by the rule
+        noise = np.random.default_rng(1).integers(0, 3, gray.shape + (3,))
+        data = encode(Image.fromarray(np.clip(gray[..., None].astype(int) + noise, 0, 255).astype(np.uint8), mode="RGB"))
+    elif case == "exact_gray_rgb_png":
+        data = encode(Image.fromarray(np.repeat(gray[..., None], 3, axis=2), mode="RGB"))
+    elif case == "gray_palette_gif":
+        data = encode(Image.fromarray(gray, mode="L"), "GIF")
+    elif case == "colour_palette_gif":
+        data = encode(Image.fromarray(colour, mode="RGB").quantize(64), "GIF")
+    else:  # image data split over many IDAT chunks
+        buffer = io.BytesIO()
+        Image.fromarray(colour, mode="RGB").save(buffer, "PNG", compress_level=0)
+        raw = buffer.getvalue()
+        ihdr_end = 8 + 25
+        idat_len = int.from_bytes(raw[ihdr_end : ihdr_end + 4], "big")
+        payload = raw[ihdr_end + 8 : ihdr_end + 8 + idat_len]
+        chunks = b""
+        for start in range(0, len(payload), 100):
+            part = payload[start : start + 100]
+            body = b"IDAT" + part
+            chunks += len(part).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+        data = raw[:ihdr_end] + chunks + raw[ihdr_end + 12 + idat_len :]
+    decoded = decode_image(data)
+    np.testing.assert_array_equal(decoded.pixels, _reference_canonical(data))
+    assert decoded.pixels.flags["C_CONTIGUOUS"]
+    assert decoded.image.mode == decoded.canonical_mode
