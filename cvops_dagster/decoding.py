@@ -29,7 +29,9 @@ the run log), and a per-file timeout. A worker that hangs is killed and the file
 quarantined as ``decode_timeout``; a worker that dies takes only its current file with it
 (``decoder_crashed``); the other files of its chunk are retried on a fresh worker.
 Work is sent in chunks and results come back per chunk, so there is no per-file process
-round trip.
+round trip. Files are decoded grouped by format (one decoder's code stays hot), workers keep
+the memory they free instead of page-faulting it in again for every chunk, and a chunk's
+kept pixels travel as one packed array.
 """
 
 from __future__ import annotations
