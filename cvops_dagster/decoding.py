@@ -842,8 +842,8 @@ def _unpack_pixels(packed: dict[str, np.ndarray], n: int) -> list[np.ndarray | N
 
 
 _THREADPOOLS: Any = None  # threadpoolctl controller, made once per process (~3 ms)
-# True only while the parent forks a worker under single-threaded BLAS, so only such a
-# forked child sees it set (spawned and forkserver children start with the default).
+# True while single_threaded_blas() holds BLAS at one thread, so a child forked then knows
+# its BLAS has no threads (spawned and forkserver children start with the default).
 _FORKED_SINGLE_THREADED = False
 
 
