@@ -477,17 +477,18 @@ def _faults_for_temporaries(conn: Any, tuned: bool) -> None:
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="glibc malloc tuning is Linux-only")
 def test_workers_keep_freed_memory_instead_of_faulting_it_in_again() -> None:
     """In a worker, a chunk's large temporaries reuse freed memory (no page faults per
-    allocation); a default process maps each one afresh."""
+    allocation); a default process maps each one afresh. Fresh interpreters (spawn), so
+    neither starts with malloc settings this test process has accumulated."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     faults = {}
     for tuned in (False, True):
         parent, child = ctx.Pipe()
         process = ctx.Process(target=_faults_for_temporaries, args=(child, tuned))
         process.start()
         child.close()
-        assert parent.poll(30)
+        assert parent.poll(120)
         faults[tuned] = parent.recv()
         process.join(5)
     assert faults[True] * 10 < faults[False], faults
