@@ -27,6 +27,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -635,6 +636,13 @@ def _clean_dataset(
         ),
         context=f"mode={mode}",
     )
+    prefix = f"datasets/{version}"
+    manifest_key = f"{prefix}/manifest.parquet"
+    dataset_json_key = f"{prefix}/dataset.json"
+    # The Parquet encoding and write release the GIL: they run beside the summary below.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvops-manifest")
+    manifest_written = writer.submit(lambda: storage.write_bytes(manifest_key, _manifest_parquet(manifest)))
+    writer.shutdown(wait=False)
     duplicates = manifest[manifest["outcome"] == "duplicate"]
     counts["exact_duplicates"] = int((duplicates["reason"] == "exact").sum())
     counts["near_duplicates"] = int((duplicates["reason"] == "near").sum())
@@ -661,10 +669,8 @@ def _clean_dataset(
         "normalisation": dict(NORMALISATION_POLICY),
         "config": config.to_dict(),
     }
-    prefix = f"datasets/{version}"
-    manifest_key = f"{prefix}/manifest.parquet"
-    dataset_json_key = f"{prefix}/dataset.json"
-    storage.write_bytes(manifest_key, _manifest_parquet(manifest))
+    quarantine_examples = _quarantine_table(manifest, config.quarantine_examples)
+    manifest_written.result()  # dataset.json only once its manifest is in place
     storage.write_json(dataset_json_key, dataset_info)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
@@ -686,7 +692,7 @@ def _clean_dataset(
         manifest_key=manifest_key,
         dataset_json_key=dataset_json_key,
         dataset_info=dataset_info,
-        quarantine_examples=_quarantine_table(manifest, config.quarantine_examples),
+        quarantine_examples=quarantine_examples,
         pool=pool,
         timings=timings,
     )

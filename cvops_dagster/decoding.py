@@ -1142,8 +1142,7 @@ def decode_files(
         pending.append((seq, [items[i] for i in chunk.tolist()]))
         positions_of[seq] = chunk
         seq += 1
-    chunk_results: list[dict[str, Any]] = []
-    failures: list[dict[str, Any]] = []
+    results = _Results(n_items)
 
     ctx = multiprocessing.get_context(config.start_method)
     if config.start_method == "forkserver":
@@ -1204,7 +1203,7 @@ def decode_files(
         else:
             code = worker.process.exitcode
             detail = f"worker exited with {'signal ' + str(-code) if code and code < 0 else 'code ' + str(code)}"
-        failures.append(_failure_row(key, reason, detail, int(task_positions[position])))
+        results.add_failure(_failure_row(key, reason, detail, int(task_positions[position])))
         rest = task_items[:position] + task_items[position + 1 :]
         if rest:
             pending.appendleft((seq, rest))
@@ -1264,8 +1263,7 @@ def decode_files(
                         if worker.tasks[0][0] != task_seq:
                             raise RuntimeError("decode worker answered out of order")
                         result["key"] = [key for key, _ in worker.tasks[0][1]]
-                        result["positions"] = positions_of[task_seq]
-                        chunk_results.append(result)
+                        results.add_chunk(result, positions_of[task_seq])
                         worker.tasks.popleft()
                         worker.sent_at = time.monotonic()
                         stats.chunks += 1
@@ -1309,8 +1307,8 @@ def decode_files(
         raise
     _stop_workers(pool)
     try:
-        # The workers exit while the results are merged.
-        frame, phash, compare = _assemble(chunk_results, failures, n_items)
+        # The workers exit while the frame is built.
+        frame, phash, compare = results.finish()
     finally:
         _join_workers(pool)
         blas.close()
@@ -1339,57 +1337,74 @@ def _join_workers(pool: list[_Worker], grace_s: float = 2.0) -> None:
         worker.conn.close()
 
 
-def _assemble(
-    chunk_results: list[dict[str, Any]], failures: list[dict[str, Any]], n_items: int
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """Merge chunk results and failure rows back into input order (their ``positions``)."""
-    n_fail = len(failures)
-    positions = np.concatenate(
-        [*(np.asarray(r["positions"], dtype=np.int64) for r in chunk_results), np.array([row["position"] for row in failures], dtype=np.int64)]
-    )
-    if len(positions) != n_items or (n_items and np.bincount(positions, minlength=n_items).max() != 1):
-        raise RuntimeError(f"decode pool returned {len(positions)} results for {n_items} files")
-    order = np.empty(n_items, dtype=np.int64)
-    order[positions] = np.arange(n_items)  # row i of the output is merged row order[i]
-    columns: dict[str, Any] = {}
-    for name in _ALL_COLUMNS:
-        if name in _OBJECT_COLUMNS:
-            merged: list[Any] = []
-            for result in chunk_results:
-                merged.extend(result[name])
-            merged.extend(row[name] for row in failures)
-            values = np.array(merged, dtype=object)[order] if merged else np.zeros(0, dtype=object)
-            # Explicitly object: inferring Arrow strings costs more than the frame's users save.
-            columns[name] = pd.Series(values, dtype=object, copy=False)
-            continue
-        if name in _FLOAT_COLUMNS:
-            tail = np.full(n_fail, np.nan)
-        elif name in _BOOL_COLUMNS:
-            tail = np.zeros(n_fail, dtype=bool)
-        else:
-            tail = np.zeros(n_fail, dtype=np.int64)
-        parts = [np.asarray(result[name]) for result in chunk_results]
-        columns[name] = np.concatenate([*parts, tail]).astype(tail.dtype, copy=False)[order]
-    ok = columns["ok"]
-    for name in _INT_COLUMNS:
-        columns[name] = pd.arrays.IntegerArray(columns[name], ~ok)
-    for name in ("animated", "passthrough"):
-        columns[name] = pd.arrays.BooleanArray(columns[name], ~ok)
-    pixels: list[Any] = []
-    for result in chunk_results:
-        pixels.extend(_unpack_pixels(result["pixels"], len(result["key"])))
-    pixels.extend([None] * n_fail)
-    holder = np.empty(len(pixels), dtype=object)  # element-wise, so arrays stay whole
-    for i, array in enumerate(pixels):
-        if array is not None:
-            holder[i] = array
-    columns["pixels"] = holder[order]
-    frame = pd.DataFrame(columns, columns=[*_ALL_COLUMNS, "pixels"])
-    phash = np.concatenate([*(r["phash"] for r in chunk_results), np.zeros(n_fail, dtype=np.uint64)])
-    compare = np.concatenate(
-        [*(r["compare"] for r in chunk_results), np.zeros((n_fail, 16, 16), dtype=np.uint8)]
-    )
-    return frame, phash[order], compare[order]
+class _Results:
+    """Results put in input order as they arrive, so little is left to do after the last.
+
+    Every row is filled exactly once, from a chunk result or a failure row, at the input
+    position the parent recorded for it.
+    """
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self.filled = np.zeros(n_items, dtype=bool)
+        self.objects = {name: np.full(n_items, None, dtype=object) for name in _OBJECT_COLUMNS}
+        self.numbers: dict[str, np.ndarray] = {}
+        for name in _ALL_COLUMNS:
+            if name in _FLOAT_COLUMNS:
+                self.numbers[name] = np.full(n_items, np.nan)
+            elif name in _BOOL_COLUMNS:
+                self.numbers[name] = np.zeros(n_items, dtype=bool)
+            elif name not in _OBJECT_COLUMNS:
+                self.numbers[name] = np.zeros(n_items, dtype=np.int64)
+        self.phash = np.zeros(n_items, dtype=np.uint64)
+        self.compare = np.zeros((n_items, 16, 16), dtype=np.uint8)
+        self.pixels = np.full(n_items, None, dtype=object)
+
+    def _claim(self, positions: np.ndarray) -> None:
+        if len(positions) and self.filled[positions].any():
+            raise RuntimeError("decode pool returned a file twice")
+        self.filled[positions] = True
+
+    def add_chunk(self, result: dict[str, Any], positions: np.ndarray) -> None:
+        """Place a chunk's rows (``positions``: the input position of each)."""
+        self._claim(positions)
+        for name, column in self.objects.items():
+            column[positions] = np.array(result[name], dtype=object)
+        for name, column in self.numbers.items():
+            column[positions] = result[name]
+        self.phash[positions] = result["phash"]
+        self.compare[positions] = result["compare"]
+        for position, array in zip(positions.tolist(), _unpack_pixels(result["pixels"], len(positions)), strict=True):
+            if array is not None:
+                self.pixels[position] = array
+
+    def add_failure(self, row: dict[str, Any]) -> None:
+        """Place a failure row (see :func:`_failure_row`)."""
+        position = int(row["position"])
+        self._claim(np.array([position]))
+        for name, column in self.objects.items():
+            column[position] = row[name]
+        self.numbers["ok"][position] = False
+
+    def finish(self) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """The frame (input order), pHashes and comparison thumbnails."""
+        if not self.filled.all():
+            raise RuntimeError(f"decode pool returned {int(self.filled.sum())} results for {self.n_items} files")
+        columns: dict[str, Any] = {}
+        ok = self.numbers["ok"]
+        for name in _ALL_COLUMNS:
+            if name in self.objects:
+                # Explicitly object: inferring Arrow strings costs more than the frame's users save.
+                columns[name] = pd.Series(self.objects[name], dtype=object, copy=False)
+            elif name in _INT_COLUMNS:
+                columns[name] = pd.arrays.IntegerArray(self.numbers[name], ~ok)
+            elif name in ("animated", "passthrough"):
+                columns[name] = pd.arrays.BooleanArray(self.numbers[name], ~ok)
+            else:
+                columns[name] = self.numbers[name]
+        columns["pixels"] = self.pixels
+        frame = pd.DataFrame(columns, columns=[*_ALL_COLUMNS, "pixels"])
+        return frame, self.phash, self.compare
 
 
 def default_scratch_dir() -> Path:
