@@ -51,7 +51,7 @@ from cvops_dagster.decoding import (
 )
 from cvops_dagster.duplicates import NearDuplicateConfig, find_duplicates
 from cvops_dagster.splits import SPLITS, SplitConfig, assign_splits, dataset_version
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.storage import ArtifactStorage, is_valid_key
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +179,12 @@ class CleaningResult:
 _KEEP_PIXELS_BYTES = 64 * 64 * 3
 
 
-# ArtifactStorage's key rule as an RE2 pattern ("$" is the end of the text in RE2).
+# storage.is_valid_key's rule as an RE2 pattern ("$" is the end of the text in RE2).
 _BAD_KEY = r"^$|^/|//|/$|\\|(?:^|/)\.\.?(?:/|$)"
 
 
-def _invalid_key(key: str) -> bool:
-    """ArtifactStorage's key rule for one key (see ArtifactStorage._path)."""
-    return not key or key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in key.split("/"))
-
-
 def _first_invalid_key(keys: list[str]) -> str | None:
-    """The first key the storage's key rule rejects (see ArtifactStorage._path), if any.
+    """The first key :func:`~cvops_dagster.storage.is_valid_key` rejects, if any.
 
     Checked for all keys at once with Arrow's regular expressions (RE2), ~4 ms for 18k keys
     where Python's ``re`` over each key or over the joined keys takes 10-50 ms.
@@ -201,7 +196,7 @@ def _first_invalid_key(keys: list[str]) -> str | None:
         return keys[int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])]
     except (pa.ArrowException, TypeError, ValueError):
         pass
-    return next((key for key in keys if _invalid_key(key)), None)
+    return next((key for key in keys if not is_valid_key(key)), None)
 
 
 def _present(values: pd.Series) -> np.ndarray:
@@ -242,7 +237,7 @@ def _stage_inputs(
     """Local paths for the raw files and the folder workers write canonical PNGs into."""
     if storage.is_local:
         root = str(storage.local_path(CANONICAL_PREFIX))[: -len(CANONICAL_PREFIX)]
-        # The storage's own key rule (see ArtifactStorage._path), checked for all keys at once.
+        # storage.is_valid_key for all keys at once.
         bad = _first_invalid_key(keys)
         if bad is not None:
             raise ValueError(f"invalid artifact key {bad!r}")

@@ -818,22 +818,20 @@ def _pack_pixels(pixels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     return {"positions": positions, "shapes": shapes, "data": data}
 
 
-def _unpack_pixels(packed: dict[str, np.ndarray], n: int) -> list[np.ndarray | None]:
-    """Per chunk position, the kept array (a view into the packed bytes) or ``None``."""
-    out: list[np.ndarray | None] = [None] * n
+def _unpack_pixels(packed: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
+    """``(chunk position, array)`` per kept array, each a view into the packed bytes."""
+    positions = packed["positions"].tolist()
     data = packed["data"]
     shapes = packed["shapes"]
     if len(shapes) and (shapes == shapes[0]).all():  # the usual case: one shape per chunk
         height, width, channels = shapes[0].tolist()
         shape = (len(shapes), height, width) if channels == 0 else (len(shapes), height, width, channels)
-        for position, view in zip(packed["positions"].tolist(), data.reshape(shape), strict=True):
-            out[position] = view
-        return out
+        return list(zip(positions, data.reshape(shape), strict=True))
+    out = []
     offset = 0
-    for position, (height, width, channels) in zip(packed["positions"].tolist(), packed["shapes"].tolist(), strict=True):
-        shape = (height, width) if channels == 0 else (height, width, channels)
+    for position, (height, width, channels) in zip(positions, shapes.tolist(), strict=True):
         size = height * width * (channels or 1)
-        out[position] = data[offset : offset + size].reshape(shape)
+        out.append((position, data[offset : offset + size].reshape((height, width) if channels == 0 else (height, width, channels))))
         offset += size
     return out
 
@@ -1374,9 +1372,8 @@ class _Results:
             column[positions] = result[name]
         self.phash[positions] = result["phash"]
         self.compare[positions] = result["compare"]
-        for position, array in zip(positions.tolist(), _unpack_pixels(result["pixels"], len(positions)), strict=True):
-            if array is not None:
-                self.pixels[position] = array
+        for chunk_position, array in _unpack_pixels(result["pixels"]):
+            self.pixels[positions[chunk_position]] = array
 
     def add_failure(self, row: dict[str, Any]) -> None:
         """Place a failure row (see :func:`_failure_row`)."""

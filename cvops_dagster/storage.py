@@ -51,6 +51,14 @@ def open_filesystem(protocol: str, endpoint_url: str | None = None, **options: A
     return fsspec.filesystem(protocol, **options)
 
 
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` is an artifact key: relative, ``/``-separated, no empty, ``.`` or
+    ``..`` segment, no backslash (so no key can reach outside the artifact root)."""
+    return bool(key) and not key.startswith("/") and "\\" not in key and not any(
+        part in ("", ".", "..") for part in key.split("/")
+    )
+
+
 @dataclass
 class ArtifactStorage:
     """Keyed byte storage rooted at a local folder or an fsspec URL.
@@ -79,8 +87,7 @@ class ArtifactStorage:
         return self.protocol == "file"
 
     def _path(self, key: str) -> str:
-        parts = key.split("/")
-        if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        if not is_valid_key(key):
             raise ValueError(f"invalid artifact key {key!r}")
         return f"{self._base}/{key}"
 
