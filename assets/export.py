@@ -6,8 +6,6 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Mat
 
 from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import json_value
-from cvops_dagster.promotion import current_champion
-from cvops_dagster.serving import build_runtimes
 from resources.storage import ArtifactStore
 
 CHECK_PARITY = "check_onnx_runtime_parity"
@@ -31,6 +29,10 @@ CHECK_PARITY = "check_onnx_runtime_parity"
     "with onnx.checker, metadata embedded; INT8 (static QDQ, per-channel) kept only when accurate and faster.",
 )
 def onnx_runtime(context: AssetExecutionContext, artifact_store: ArtifactStore) -> MaterializeResult:
+    # torch, ONNX and ONNX Runtime load in this step only (see assets/training.py).
+    from cvops_dagster.promotion import current_champion
+    from cvops_dagster.serving import build_runtimes
+
     champion = current_champion(artifact_store.storage)
     if champion is None:
         raise ValueError("no production model yet: materialize production_model first")

@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from cvops_dagster.decoding import (
     REASON_MISSING,
     DecodeConfig,
     PoolStats,
-    decode_files,
+    DecodeOutput,
+    decode_pool,
     default_scratch_dir,
     encode_png,
     single_threaded_blas,
@@ -131,7 +133,8 @@ class CleaningResult:
     Attributes:
         version: content hash of (ids, labels, splits) of the clean samples.
         mode: the dataset's canonical mode, "L" or "RGB".
-        manifest: one row per ingested record (columns :data:`MANIFEST_COLUMNS`).
+        manifest_table: one row per ingested record (columns :data:`MANIFEST_COLUMNS`),
+            what manifest.parquet holds; :attr:`manifest` is the same as a pandas frame.
         manifest_key, dataset_json_key: where they were written in the storage.
         dataset_info: the content of dataset.json.
         quarantine_examples: reason, count and a few example records per reason.
@@ -140,13 +143,18 @@ class CleaningResult:
 
     version: str
     mode: str
-    manifest: pd.DataFrame
+    manifest_table: pa.Table
     manifest_key: str
     dataset_json_key: str
     dataset_info: dict[str, Any]
     quarantine_examples: pd.DataFrame
     pool: PoolStats
     timings: dict[str, float]
+
+    @cached_property
+    def manifest(self) -> pd.DataFrame:
+        """The manifest as pandas (the dtypes ``read_parquet`` gives), made on first use."""
+        return self.manifest_table.to_pandas()
 
     @property
     def counts(self) -> dict[str, int]:
@@ -201,30 +209,42 @@ def _first_invalid_key(keys: list[str]) -> str | None:
 
 def _present(values: pd.Series) -> np.ndarray:
     """Per entry: not missing and not blank text (vectorised :func:`_is_blank`)."""
-    present = values.notna().to_numpy(dtype=bool).copy()
-    if present.any():
-        present[present] = values[present].astype(str).str.strip().ne("").to_numpy(dtype=bool)
-    return present
+    return _present_values(values.to_numpy(dtype=object, na_value=None))
 
 
-def _floats(values: Any) -> np.ndarray:
-    return pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
-
-
-def _isin(values: pd.Series, allowed: Any) -> np.ndarray:
-    """``values.isin(allowed)`` as a bool array, in Arrow's C code when the types allow.
-
-    pandas' ``isin`` on Arrow-backed strings walks the values in Python (tens of
-    milliseconds for a manifest of 20k rows); ``pyarrow.compute.is_in`` does not.
-    """
+def _present_values(values: np.ndarray) -> np.ndarray:
+    """:func:`_present` of an object array (``None`` for missing), in Arrow's C code for text."""
     try:
         array = pa.array(values, from_pandas=True)
-        value_set = pa.array(allowed if isinstance(allowed, pd.Series) else list(allowed), from_pandas=True)
-        if array.type != value_set.type:
-            value_set = value_set.cast(array.type)
-        return np.asarray(pc.is_in(array, value_set=value_set).to_numpy(zero_copy_only=False), dtype=bool)
     except (pa.ArrowException, TypeError, ValueError):
-        return values.isin(allowed).to_numpy(dtype=bool)
+        array = None
+    if array is not None and (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        present = pc.not_equal(pc.utf8_trim_whitespace(array), "").fill_null(False)
+        return np.asarray(present.to_numpy(zero_copy_only=False), dtype=bool)
+    return np.fromiter((not _is_blank(v) for v in values.tolist()), dtype=bool, count=len(values))
+
+
+def _column(frame: pd.DataFrame, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """A column as an object array with ``None`` for missing values (all ``None`` if absent)."""
+    if name not in frame.columns:
+        return np.full(len(frame) if rows is None else len(rows), None, dtype=object)
+    values = frame[name].to_numpy(dtype=object, na_value=None)
+    return values if rows is None else values[rows]
+
+
+def _ingestion_order(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Row order by ingestion time, then record id (stable; missing values last)."""
+    names = [name for name in ("ingested_at", "record_id") if name in columns]
+    n = len(columns["record_id"])
+    if not names:
+        return np.arange(n, dtype=np.int64)
+    try:
+        table = pa.table({name: pa.array(columns[name], from_pandas=True) for name in names})
+        indices = pc.sort_indices(table, sort_keys=[(name, "ascending") for name in names])  # nulls last (the default)
+        return np.asarray(indices.to_numpy(), dtype=np.int64)
+    except (pa.ArrowException, TypeError, ValueError):  # mixed types in a column
+        frame = pd.DataFrame({name: pd.Series(columns[name], dtype=object) for name in names})
+        return frame.sort_values(names, kind="stable").index.to_numpy(dtype=np.int64)
 
 
 def _is_blank(value: Any) -> bool:
@@ -264,8 +284,8 @@ def _canonical_images(
     mode: str,
     out_dir: Path,
     clean_rows: np.ndarray,
-    decoded: pd.DataFrame,
-    safe_row: np.ndarray,
+    decoded: DecodeOutput,
+    row_of: np.ndarray,
     raw_keys: np.ndarray,
     modes: np.ndarray,
     channels: Any,
@@ -285,10 +305,10 @@ def _canonical_images(
     n = len(raw_keys)
     image_key = np.full(n, None, dtype=object)
     canonical_mode = modes.copy()
-    rows = safe_row[clean_rows]
-    shas = decoded["canonical_sha"].to_numpy(dtype=object, na_value=None)[rows]
-    passthrough = decoded["passthrough"].to_numpy(dtype=bool, na_value=False)[rows]
-    pixels = decoded["pixels"].to_numpy(dtype=object)[rows]
+    rows = row_of[clean_rows]  # clean records all have a decoded row
+    shas = decoded.objects["canonical_sha"][rows]
+    passthrough = decoded.numbers["passthrough"][rows]
+    pixels = decoded.pixels[rows]
     level = config.decode.png_compress_level
     converted = 0
     for position, index in enumerate(clean_rows.tolist()):
@@ -329,15 +349,42 @@ _DICTIONARY_COLUMNS: list[str] = [
 ]
 
 
-def _manifest_parquet(manifest: pd.DataFrame) -> bytes:
-    """The manifest as Parquet bytes (what ``DataFrame.to_parquet`` writes, read back alike).
+_INT_MANIFEST_COLUMNS = ("orig_width", "orig_height", "orientation", "width", "height", "channels", "file_size")
+_FLOAT_MANIFEST_COLUMNS = ("aspect_ratio", "brightness", "contrast", "sharpness")
 
-    Written through pyarrow directly with dictionary encoding only on the low-cardinality
-    columns: about half the time of the pandas defaults on a 20k-row manifest.
+
+@cache
+def _manifest_schema() -> pa.Schema:
+    """The manifest's Arrow schema, with the pandas metadata of its dtypes.
+
+    Text is pandas' ``str``, counts ``Int64``, ``animated`` ``boolean``, measures ``float64``
+    (missing values are nulls): ``read_parquet`` and :attr:`CleaningResult.manifest` give
+    these dtypes back, whatever the values of one dataset (an all-empty column included).
     """
-    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    dtypes = {name: "str" for name in MANIFEST_COLUMNS}
+    dtypes.update({name: "Int64" for name in _INT_MANIFEST_COLUMNS})
+    dtypes.update({name: "float64" for name in _FLOAT_MANIFEST_COLUMNS})
+    dtypes["animated"] = "boolean"
+    frame = pd.DataFrame({name: pd.Series([], dtype=dtypes[name]) for name in MANIFEST_COLUMNS})
+    return pa.Schema.from_pandas(frame, preserve_index=False)
+
+
+def _manifest_table(columns: dict[str, Any]) -> pa.Table:
+    """The manifest as an Arrow table, straight from its column arrays (no pandas frame)."""
+    schema = _manifest_schema()
+    return pa.Table.from_arrays(
+        [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in schema], schema=schema
+    )
+
+
+def _manifest_parquet(manifest: pa.Table) -> bytes:
+    """The manifest as Parquet bytes (read back by ``pandas.read_parquet`` with its dtypes).
+
+    Dictionary encoding only on the low-cardinality columns: about half the time of the
+    pandas defaults on a 20k-row manifest.
+    """
     buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, compression="snappy", use_dictionary=_DICTIONARY_COLUMNS)
+    pq.write_table(manifest, buffer, compression="snappy", use_dictionary=_DICTIONARY_COLUMNS)
     return buffer.getvalue().to_pybytes()
 
 
@@ -356,28 +403,48 @@ def check_accounting(manifest: pd.DataFrame, input_records: pd.Series | list[str
             a quarantined row has no reason; a duplicate is not the alias of a clean sample;
             a clean row has no split; or the counts do not add up to the input.
     """
-    expected = pd.Series(list(input_records) if not isinstance(input_records, pd.Series) else input_records)
-    ids = manifest["record_id"]
-    # Vectorised checks; the set arithmetic below only runs to describe a failure.
-    if ids.duplicated().any():
+    expected = input_records.tolist() if isinstance(input_records, pd.Series) else list(input_records)
+    return _account(
+        _column(manifest, "record_id"),
+        expected,
+        _column(manifest, "outcome"),
+        _column(manifest, "reason"),
+        _column(manifest, "split"),
+        _column(manifest, "alias_of"),
+        _column(manifest, "sample_id"),
+    )
+
+
+def _account(
+    record_ids: np.ndarray,
+    expected: list[Any],
+    outcome: np.ndarray,
+    reason: np.ndarray,
+    split: np.ndarray,
+    alias_of: np.ndarray,
+    sample_ids: np.ndarray,
+) -> dict[str, int]:
+    """:func:`check_accounting` on the manifest's columns (object arrays)."""
+    ids = record_ids.tolist()
+    id_set = set(ids)
+    if len(id_set) != len(ids):
         raise AccountingError("a record appears more than once in the manifest")
-    if len(ids) != len(expected) or expected.duplicated().any() or not _isin(ids, expected).all():
-        id_set, expected_set = set(ids.tolist()), set(expected.tolist())
-        missing = sorted(expected_set - id_set)[:5]
-        extra = sorted(id_set - expected_set)[:5]
+    expected_set = set(expected)
+    if len(ids) != len(expected) or len(expected_set) != len(expected) or id_set != expected_set:
+        missing = sorted(map(str, expected_set - id_set))[:5]
+        extra = sorted(map(str, id_set - expected_set))[:5]
         raise AccountingError(f"manifest records differ from the input: missing {missing}, unexpected {extra}")
-    outcome = manifest["outcome"]
-    if not _isin(outcome, OUTCOMES).all():
-        raise AccountingError(f"invalid outcomes: {sorted(set(outcome) - set(OUTCOMES))}")
-    is_quarantined = (outcome == "quarantined").to_numpy(dtype=bool)
-    if not _present(manifest["reason"][is_quarantined]).all():
+    is_clean = outcome == "clean"
+    is_duplicate = outcome == "duplicate"
+    is_quarantined = outcome == "quarantined"
+    if not (is_clean | is_duplicate | is_quarantined).all():
+        invalid = {str(v) for v in outcome[~(is_clean | is_duplicate | is_quarantined)].tolist()}
+        raise AccountingError(f"invalid outcomes: {sorted(invalid)}")
+    if not _present_values(reason[is_quarantined]).all():
         raise AccountingError("a quarantined record has no reason")
-    is_clean = (outcome == "clean").to_numpy(dtype=bool)
-    clean_split = manifest["split"][is_clean]
-    if not _isin(clean_split, SPLITS).all():
+    if not set(split[is_clean].tolist()) <= set(SPLITS):
         raise AccountingError("a clean record has no split")
-    is_duplicate = (outcome == "duplicate").to_numpy(dtype=bool)
-    if not _isin(manifest["alias_of"][is_duplicate], manifest["sample_id"][is_clean]).all():
+    if not set(alias_of[is_duplicate].tolist()) <= set(sample_ids[is_clean].tolist()):
         raise AccountingError("a duplicate is not the alias of a clean sample")
     n_clean, n_duplicates, n_quarantined = int(is_clean.sum()), int(is_duplicate.sum()), int(is_quarantined.sum())
     counts = {"input": len(expected), "clean": n_clean, "duplicates": n_duplicates, "quarantined": n_quarantined}
@@ -386,21 +453,41 @@ def check_accounting(manifest: pd.DataFrame, input_records: pd.Series | list[str
     return counts
 
 
-def _quarantine_table(manifest: pd.DataFrame, per_reason: int) -> pd.DataFrame:
-    quarantined = manifest[manifest["outcome"] == "quarantined"]
-    rows = []
-    for reason, group in quarantined.groupby("reason", sort=True):
-        for _, row in group.head(per_reason).iterrows():
-            rows.append(
+def _quarantine_table(
+    reason: np.ndarray, record_ids: np.ndarray, paths: np.ndarray, detail: np.ndarray, rows: np.ndarray, per_reason: int
+) -> pd.DataFrame:
+    """Reason, count and the first ``per_reason`` example records of each quarantine reason."""
+    by_reason: dict[str, list[int]] = {}
+    for row, value in zip(rows.tolist(), reason[rows].tolist(), strict=True):
+        by_reason.setdefault(value, []).append(row)
+    table = []
+    for value in sorted(by_reason, key=str):
+        members = by_reason[value]
+        for row in members[:per_reason]:
+            table.append(
                 {
-                    "reason": reason,
-                    "count": len(group),
-                    "record_id": row["record_id"],
-                    "path": row["path"],
-                    "detail": row["reason_detail"],
+                    "reason": value,
+                    "count": len(members),
+                    "record_id": record_ids[row],
+                    "path": paths[row],
+                    "detail": detail[row],
                 }
             )
-    return pd.DataFrame(rows, columns=["reason", "count", "record_id", "path", "detail"])
+    return pd.DataFrame(table, columns=["reason", "count", "record_id", "path", "detail"])
+
+
+def _most_common_size(heights: np.ndarray, widths: np.ndarray) -> list[int] | None:
+    """The most frequent (height, width); ties go to the one met first."""
+    if not len(heights):
+        return None
+    pairs = np.stack([heights, widths], axis=1)
+    unique, first, counts = np.unique(pairs, axis=0, return_index=True, return_counts=True)
+    best = np.flatnonzero(counts == counts.max())
+    return [int(v) for v in unique[best[np.argmin(first[best])]].tolist()]
+
+
+def _sorted_counts(values: list[Any]) -> dict[str, int]:
+    return {str(k): int(v) for k, v in sorted(Counter(values).items(), key=lambda item: str(item[0]))}
 
 
 def clean_dataset(
@@ -437,48 +524,56 @@ def clean_dataset(
         return _clean_dataset(storage, raw_manifest, config, workers)
 
 
+_RECORD_COLUMNS = ("record_id", "batch_id", "path", "label", "sample_id", "image_key", "ingested_at")
+
+
 def _clean_dataset(
     storage: ArtifactStorage, raw_manifest: pd.DataFrame, config: CleaningConfig, workers: int | None
 ) -> CleaningResult:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    records = raw_manifest[raw_manifest["status"] == "ingested"].reset_index(drop=True)
-    if records["record_id"].duplicated().any():
+    # The ingested records' columns as object arrays: every per-record step below is numpy
+    # or plain Python on these, never a DataFrame operation (each costs ~0.1-1 ms).
+    ingested = np.flatnonzero(_column(raw_manifest, "status") == "ingested")
+    columns = {name: _column(raw_manifest, name, ingested) for name in _RECORD_COLUMNS if name in raw_manifest.columns}
+    for name in ("record_id", "batch_id", "path", "label", "sample_id", "image_key"):
+        columns.setdefault(name, np.full(len(ingested), None, dtype=object))
+    input_ids = columns["record_id"].tolist()
+    if len(set(input_ids)) != len(input_ids):
         raise ValueError("raw manifest repeats record ids")
-    n = len(records)
+    n = len(ingested)
 
     # Distinct keys, sorted, and the decode row of each record (-1: no image_key): all the
     # decoding needs. The rest of the preparation runs while the workers decode.
-    unsorted_keys = records["image_key"].to_numpy(dtype=object)
-    unsorted_has_key = _present(records["image_key"])
-    codes, uniques = pd.factorize(records["image_key"][unsorted_has_key], sort=True)
-    # (Through a plain list: iterating an Arrow-backed index boxes each value, ~1 us apiece.)
-    keys = [str(key) for key in np.asarray(uniques, dtype=object).tolist()]
+    unsorted_keys = columns["image_key"]
+    unsorted_has_key = _present_values(unsorted_keys)
+    keys = sorted({str(key) for key in unsorted_keys[unsorted_has_key].tolist()})
+    row_of_key = {key: row for row, key in enumerate(keys)}
     unsorted_row_of = np.full(n, -1, dtype=np.int64)
-    unsorted_row_of[unsorted_has_key] = codes
+    unsorted_row_of[unsorted_has_key] = [row_of_key[str(key)] for key in unsorted_keys[unsorted_has_key].tolist()]
     prepared: dict[str, Any] = {}
 
     def prepare() -> None:
         """Records in ingestion order (earliest kept among duplicates) and their columns."""
-        sort_columns = [c for c in ("ingested_at", "record_id") if c in records.columns]
-        order = records.sort_values(sort_columns, kind="stable").index.to_numpy()
-        ordered = records.take(order).reset_index(drop=True)
+        order = _ingestion_order(columns)
+        prepared.update({name: values[order] for name, values in columns.items()})
+        labelled = _present_values(prepared["label"])
+        # The split of every labelled record (a function of its id and label); the clean
+        # ones' are picked once duplicates are known.
+        split_all = np.full(n, None, dtype=object)
+        split_all[labelled] = assign_splits(
+            [str(s) for s in prepared["sample_id"][labelled].tolist()],
+            [str(v) for v in prepared["label"][labelled].tolist()],
+            config.splits,
+        )
         prepared.update(
-            records=ordered,
-            raw_keys=unsorted_keys[order],
-            row_of=unsorted_row_of[order],
-            labels=ordered["label"].to_numpy(dtype=object),
-            labelled=_present(ordered["label"]),
-            sample_ids=ordered["sample_id"].to_numpy(dtype=object),
-            record_ids=ordered["record_id"].to_numpy(dtype=object),
-            batch_ids=ordered["batch_id"].to_numpy(dtype=object),
-            paths=ordered["path"].to_numpy(dtype=object),
+            raw_keys=unsorted_keys[order], row_of=unsorted_row_of[order], labelled=labelled, split_all=split_all
         )
 
     scratch = None if storage.is_local else default_scratch_dir()
     try:
         items, out_dir = _stage_inputs(storage, keys, scratch)
-        decoded, phash_all, compare_all, pool = decode_files(
+        decoded = decode_pool(
             items,
             out_dir,
             config.decode,
@@ -489,26 +584,19 @@ def _clean_dataset(
         )
         if not prepared:  # no file to decode: the pool did not start
             prepare()
-        records = prepared["records"]
         raw_keys = prepared["raw_keys"]
         row_of = prepared["row_of"]
         timings["decode_s"] = time.perf_counter() - started
         mark = time.perf_counter()
         have = row_of >= 0
-        safe_row = np.where(have, row_of, 0)
 
         def pick(name: str) -> Any:
-            """One decode column per record: nullable ints/bools stay typed, the rest object."""
-            column = decoded[name]
-            if isinstance(column.dtype, (pd.Int64Dtype, pd.BooleanDtype)):
-                return column.array.take(row_of, allow_fill=True)
-            values = column.to_numpy(dtype=object, na_value=None)[safe_row]
-            values[~have] = None
-            return values
+            """One decode column per record (see DecodeOutput.column)."""
+            return decoded.column(name, row_of)
 
-        labels = prepared["labels"]
+        labels = prepared["label"]
         labelled = prepared["labelled"]
-        ok = np.asarray(decoded["ok"].to_numpy(dtype=bool))[safe_row] & have
+        ok = pick("ok")
         outcome = np.full(n, "quarantined", dtype=object)
         reason = pick("reason")
         detail = pick("reason_detail")
@@ -525,26 +613,30 @@ def _clean_dataset(
         if config.mode is not None:
             mode = config.mode
         else:
-            distinct = pd.Series(modes[eligible]).groupby(pd.Series(pixel_hashes[eligible])).first()
-            colour_fraction = float((distinct == "RGB").mean()) if len(distinct) else 0.0
+            distinct = dict(zip(pixel_hashes[eligible].tolist()[::-1], modes[eligible].tolist()[::-1], strict=True))
+            colour_fraction = sum(m == "RGB" for m in distinct.values()) / len(distinct) if distinct else 0.0
             mode = "RGB" if colour_fraction > config.rgb_fraction else "L"
 
         # Duplicates among eligible records, earliest kept.
         keep, kind = find_duplicates(
             pixel_hashes[eligible].tolist(),
-            phash_all[safe_row][eligible],
-            compare_all[safe_row][eligible],
+            decoded.phash[row_of[eligible]],
+            decoded.compare[row_of[eligible]],
             config.near_duplicates,
         )
-        sample_ids = prepared["sample_ids"]
-        group_label = pd.Series(labels[eligible].astype(str))
-        label_count = group_label.groupby(keep).nunique()
-        conflict_local = label_count.reindex(keep).to_numpy() > 1
+        sample_ids = prepared["sample_id"]
+        group_labels = np.array([str(v) for v in labels[eligible].tolist()] + [""], dtype=object)[:-1]
+        # A group conflicts when its (group, label) pairs are not all one pair.
+        label_code: dict[str, int] = {}
+        codes = np.fromiter((label_code.setdefault(v, len(label_code)) for v in group_labels.tolist()), np.int64, len(keep))
+        pairs = np.unique(keep * max(len(label_code), 1) + codes)
+        labels_per_group = np.bincount(pairs // max(len(label_code), 1), minlength=len(keep))
+        conflict_local = labels_per_group[keep] > 1
         conflict = eligible[conflict_local]
         reason[conflict] = REASON_LABEL_CONFLICT
         for target in np.unique(keep[conflict_local]).tolist():  # conflicting groups only
             members = conflict_local & (keep == target)
-            detail[eligible[members]] = f"duplicates carry labels {sorted(set(group_label[members]))}"
+            detail[eligible[members]] = f"duplicates carry labels {sorted(set(group_labels[members].tolist()))}"
         kept_local = (keep == np.arange(len(keep))) & ~conflict_local
         dup_local = (keep != np.arange(len(keep))) & ~conflict_local
         clean_rows, dup_rows = eligible[kept_local], eligible[dup_local]
@@ -560,12 +652,10 @@ def _clean_dataset(
 
         # Canonical images in the dataset mode, only for the clean samples.
         image_key, canonical_mode, channels, converted = _canonical_images(
-            storage, config, mode, out_dir, clean_rows, decoded, safe_row, raw_keys, modes, pick("channels")
+            storage, config, mode, out_dir, clean_rows, decoded, row_of, raw_keys, modes, pick("channels")
         )
         split = np.full(n, None, dtype=object)
-        split[clean_rows] = assign_splits(
-            [str(s) for s in sample_ids[clean_rows].tolist()], [str(v) for v in labels[clean_rows].tolist()], config.splits
-        )
+        split[clean_rows] = prepared["split_all"][clean_rows]
         timings["canonical_s"] = time.perf_counter() - mark
     finally:
         if scratch is not None:
@@ -575,18 +665,22 @@ def _clean_dataset(
     phash_text = np.full(n, None, dtype=object)
     if ok.any():
         # Big-endian bytes in hex: the zero-padded 16-digit hex of each hash.
-        text = phash_all[safe_row][ok].astype(">u8").tobytes().hex()
+        text = decoded.phash[row_of[ok]].astype(">u8").tobytes().hex()
         phash_text[ok] = [text[i : i + 16] for i in range(0, len(text), 16)]
     label_column = labels.copy()
     label_column[~labelled] = None
     label_column[labelled] = np.array([str(v) for v in labels[labelled].tolist()] + [""], dtype=object)[:-1]
     canonical_mode[~ok] = None
     channels[~ok] = pd.NA
-    manifest = pd.DataFrame(
+    record_ids = prepared["record_id"]
+    paths = prepared["path"]
+    batch_ids = prepared["batch_id"]
+    width, height = pick("width"), pick("height")
+    manifest = _manifest_table(
         {
-            "record_id": prepared["record_ids"],
-            "batch_id": prepared["batch_ids"],
-            "path": prepared["paths"],
+            "record_id": record_ids,
+            "batch_id": batch_ids,
+            "path": paths,
             "sample_id": sample_ids,
             "label": label_column,
             "outcome": outcome,
@@ -603,25 +697,24 @@ def _clean_dataset(
             "animated": pick("animated"),
             "orientation": pick("orientation"),
             "canonical_mode": canonical_mode,
-            "width": pick("width"),
-            "height": pick("height"),
+            "width": width,
+            "height": height,
             "channels": channels,
-            "aspect_ratio": _floats(pick("aspect_ratio")),
-            "brightness": _floats(pick("brightness")),
-            "contrast": _floats(pick("contrast")),
-            "sharpness": _floats(pick("sharpness")),
+            "aspect_ratio": pick("aspect_ratio"),
+            "brightness": pick("brightness"),
+            "contrast": pick("contrast"),
+            "sharpness": pick("sharpness"),
             "file_size": pick("file_size"),
             "pixel_hash": pixel_hashes,
             "phash": phash_text,
-        },
-        columns=list(MANIFEST_COLUMNS),
+        }
     )
-    counts = check_accounting(manifest, records["record_id"])
+    # The accounting check and the summary read the arrays the manifest was built of:
+    # filtering its Arrow-backed columns costs ~1 ms an operation.
+    counts = _account(record_ids, input_ids, outcome, reason, split, alias_of, sample_ids)
 
-    clean = manifest[manifest["outcome"] == "clean"]
     # The canonical key (a hash of the canonical PNG) and the mode are in the version, so a
     # change of mode or normalisation makes a new version instead of rewriting an old one.
-    # (From the arrays the manifest was built of: iterating its Arrow-backed columns costs more.)
     version = dataset_version(
         zip(
             sample_ids[clean_rows].tolist(),
@@ -639,25 +732,25 @@ def _clean_dataset(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cvops-manifest")
     manifest_written = writer.submit(lambda: storage.write_bytes(manifest_key, _manifest_parquet(manifest)))
     writer.shutdown(wait=False)
-    duplicates = manifest[manifest["outcome"] == "duplicate"]
-    counts["exact_duplicates"] = int((duplicates["reason"] == "exact").sum())
-    counts["near_duplicates"] = int((duplicates["reason"] == "near").sum())
-    sizes = Counter(zip(clean["height"].tolist(), clean["width"].tolist()))
-    image_size = list(sizes.most_common(1)[0][0]) if sizes else None
+    duplicate_reasons = reason[outcome == "duplicate"]
+    counts["exact_duplicates"] = int((duplicate_reasons == "exact").sum())
+    counts["near_duplicates"] = int((duplicate_reasons == "near").sum())
+    clean_labels = label_column[clean_rows].tolist()
+    clean_splits = split[clean_rows]
+    quarantined = np.flatnonzero(outcome == "quarantined")
     dataset_info = {
         "version": version,
         "mode": mode,
         "channels": 3 if mode == "RGB" else 1,
-        "labels": sorted(clean["label"].unique().tolist()),
-        "image_size": image_size,
+        "labels": sorted(set(clean_labels)),
+        "image_size": _most_common_size(
+            np.asarray(height[clean_rows], dtype=np.int64), np.asarray(width[clean_rows], dtype=np.int64)
+        ),
         "counts": counts,
-        "splits": {s: int((clean["split"] == s).sum()) for s in SPLITS},
-        "classes": {str(k): int(v) for k, v in clean["label"].value_counts().sort_index().items()},
-        "quarantine_reasons": {
-            str(k): int(v)
-            for k, v in manifest.loc[manifest["outcome"] == "quarantined", "reason"].value_counts().sort_index().items()
-        },
-        "batches": sorted({str(b) for b in manifest["batch_id"].tolist()}),
+        "splits": {s: int((clean_splits == s).sum()) for s in SPLITS},
+        "classes": _sorted_counts(clean_labels),
+        "quarantine_reasons": _sorted_counts(reason[quarantined].tolist()),
+        "batches": sorted({str(b) for b in batch_ids.tolist()}),
         "mode_rule": f"RGB if more than {config.rgb_fraction:.0%} of distinct decodable images are colour, else L"
         if config.mode is None
         else f"forced {config.mode}",
@@ -665,7 +758,7 @@ def _clean_dataset(
         "normalisation": dict(NORMALISATION_POLICY),
         "config": config.to_dict(),
     }
-    quarantine_examples = _quarantine_table(manifest, config.quarantine_examples)
+    quarantine_examples = _quarantine_table(reason, record_ids, paths, detail, quarantined, config.quarantine_examples)
     manifest_written.result()  # dataset.json only once its manifest is in place
     storage.write_json(dataset_json_key, dataset_info)
     timings["write_s"] = time.perf_counter() - mark
@@ -684,11 +777,11 @@ def _clean_dataset(
     return CleaningResult(
         version=version,
         mode=mode,
-        manifest=manifest,
+        manifest_table=manifest,
         manifest_key=manifest_key,
         dataset_json_key=dataset_json_key,
         dataset_info=dataset_info,
         quarantine_examples=quarantine_examples,
-        pool=pool,
+        pool=decoded.stats,
         timings=timings,
     )

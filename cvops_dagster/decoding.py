@@ -23,7 +23,7 @@ scaled to their range; animated images keep their first frame. An RGB image whos
 agree within a tolerance is grayscale ("L"), otherwise it stays "RGB" ("natural mode"); the
 dataset's single mode is chosen later from these (see ``cleaning``).
 
-:func:`decode_files` runs the work in a pool of worker processes, each with an address-space
+:func:`decode_pool` runs the work in a pool of worker processes, each with an address-space
 limit (``RLIMIT_AS``), stderr sent to /dev/null (libjpeg and libtiff warnings would flood
 the run log), and a per-file timeout. A worker that hangs is killed and the file is
 quarantined as ``decode_timeout``; a worker that dies takes only its current file with it
@@ -46,6 +46,7 @@ import os
 import signal
 import struct
 import tempfile
+import threading
 import time
 import uuid
 import warnings
@@ -461,7 +462,7 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedI
 
     Safe to call in any process: the pixel limit is checked here, not through Pillow's
     global, and warnings are only changed inside this call. Isolation from hangs, crashes
-    and memory exhaustion comes from running it in :func:`decode_files`'s workers.
+    and memory exhaustion comes from running it in :func:`decode_pool`'s workers.
 
     Args:
         data: the file's bytes.
@@ -591,11 +592,20 @@ def pixel_hash(image: Image.Image | np.ndarray) -> str:
 
     Accepts the canonical image or its uint8 array ((H, W) is "L", (H, W, 3) is "RGB").
     """
-    array = np.ascontiguousarray(np.asarray(image))
-    mode = "L" if array.ndim == 2 else "RGB"
-    digest = hashlib.blake2b(f"{mode}:{array.shape[1]}x{array.shape[0]}:".encode(), digest_size=16)
+    array = image if type(image) is np.ndarray and image.flags.c_contiguous else np.ascontiguousarray(np.asarray(image))
+    prefix = _HASH_PREFIXES.get(array.shape)
+    if prefix is None:
+        mode = "L" if array.ndim == 2 else "RGB"
+        prefix = hashlib.blake2b(f"{mode}:{array.shape[1]}x{array.shape[0]}:".encode(), digest_size=16)
+        if len(_HASH_PREFIXES) < 4096:
+            _HASH_PREFIXES[array.shape] = prefix
+    digest = prefix.copy()
     digest.update(array.data)
     return digest.hexdigest()
+
+
+# BLAKE2b states that have hashed the mode-and-size header, by array shape (copied per image).
+_HASH_PREFIXES: dict[tuple[int, ...], Any] = {}
 
 
 # ---------------------------------------------------------------------------- chunk work
@@ -616,7 +626,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "pixel_hash",
     "passthrough",
 )
-"""Per-file columns of :func:`decode_files`' frame, besides features and hashes."""
+"""Per-file columns of :func:`decode_pool`'s output, besides features and hashes."""
 _ALL_COLUMNS: tuple[str, ...] = tuple(dict.fromkeys((*RESULT_COLUMNS, *FEATURE_COLUMNS)))
 # Chunk results carry these as numpy arrays (compact to pickle), the rest as lists.
 _INT_COLUMNS: tuple[str, ...] = ("orig_width", "orig_height", "orientation", "width", "height", "channels", "file_size")
@@ -659,29 +669,33 @@ _ENCODED_MAX = 200_000
 
 
 def _read_file(path: str) -> bytes:
-    """The whole file, with plain system calls (a buffered file object costs more here)."""
+    """The whole file, with plain system calls (a buffered file object costs more here).
+
+    One ``read`` of up to 256 KB takes most files whole; only a file filling it is sized
+    with ``fstat`` and read on to its end.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
+            data = os.read(fd, _FIRST_READ)
+            if len(data) < _FIRST_READ:
+                return data
             size = os.fstat(fd).st_size
-            data = os.read(fd, size + 1)
-            if len(data) > size:  # the file grew meanwhile: read the rest
-                parts = [data]
-                while chunk := os.read(fd, 1 << 20):
-                    parts.append(chunk)
-                data = b"".join(parts)
-            while len(data) < size:  # short read (pipes, network file systems)
-                chunk = os.read(fd, size - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return data
+            parts = [data]
+            total = len(data)
+            while chunk := os.read(fd, max(size - total + 1, 1 << 16)):
+                parts.append(chunk)
+                total += len(chunk)
+            return b"".join(parts)
         finally:
             os.close(fd)
     except FileNotFoundError as exc:
         raise DecodeFailure(REASON_MISSING, str(exc)) from exc
     except OSError as exc:
         raise DecodeFailure(REASON_UNREADABLE, str(exc)) from exc
+
+
+_FIRST_READ = 256 * 1024
 
 
 # True in decode workers, whose warning filters are set once by _init_worker.
@@ -722,15 +736,11 @@ def process_chunk(
     n = len(items)
     columns: dict[str, Any] = {name: [None] * n for name in _OBJECT_COLUMNS}
     columns["key"] = [key for key, _ in items]
-    ok_column = np.zeros(n, dtype=bool)
-    orig_size = np.zeros((n, 2), dtype=np.int64)
-    orientation = np.ones(n, dtype=np.int64)
-    animated = np.zeros(n, dtype=bool)
-    passthrough = np.zeros(n, dtype=bool)
-    file_size = np.zeros(n, dtype=np.int64)
+    # One tuple per decoded file; the columns are built once after the loop (a numpy
+    # element assignment per field and file cost several microseconds a file).
+    decoded_rows: list[tuple[int, DecodedImage, str, str | None, int]] = []
     canonical: list[np.ndarray] = []
     pixels: dict[int, np.ndarray] = {}
-    thumbs = np.zeros((n, THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
     level = config.png_compress_level
     for index, (key, path) in enumerate(items):
         if state is not None:
@@ -764,23 +774,43 @@ def process_chunk(
         except Exception as exc:  # noqa: BLE001 - any decoder bug is a quarantine, not a crash
             columns["reason"][index], columns["reason_detail"][index] = _classify(exc)
             continue
-        ok_column[index] = True
-        columns["format"][index] = decoded.format
-        columns["mode"][index] = decoded.mode
-        orig_size[index] = (decoded.width, decoded.height)
-        animated[index] = decoded.animated
-        orientation[index] = decoded.orientation
-        columns["canonical_mode"][index] = decoded.canonical_mode
-        columns["canonical_sha"][index] = sha
-        columns["pixel_hash"][index] = digest
-        passthrough[index] = decoded.passthrough
-        file_size[index] = len(data)
-        if array.shape == (THUMB_SIZE, THUMB_SIZE):
-            thumbs[index] = array
-        else:
-            gray = Image.fromarray(array, mode="L") if array.ndim == 2 else decoded.image.convert("L")
-            thumbs[index] = np.asarray(gray.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
+        decoded_rows.append((index, decoded, digest, sha, len(data)))
         canonical.append(array)
+    ok_rows = [row[0] for row in decoded_rows]
+    images = [row[1] for row in decoded_rows]
+    for name, values in (
+        ("format", [d.format for d in images]),
+        ("mode", [d.mode for d in images]),
+        ("canonical_mode", ["L" if a.ndim == 2 else "RGB" for a in canonical]),
+        ("canonical_sha", [row[3] for row in decoded_rows]),
+        ("pixel_hash", [row[2] for row in decoded_rows]),
+    ):
+        column = columns[name]
+        for index, value in zip(ok_rows, values, strict=True):
+            column[index] = value
+    ok_index = np.asarray(ok_rows, dtype=np.int64)
+    ok_column = np.zeros(n, dtype=bool)
+    ok_column[ok_index] = True
+
+    def scatter(values: list[Any], dtype: Any, fill: Any = 0) -> np.ndarray:
+        full = np.full(n, fill, dtype=dtype)
+        full[ok_index] = values
+        return full
+
+    file_size = scatter([row[4] for row in decoded_rows], np.int64)
+    orig_width = scatter([d.width for d in images], np.int64)
+    orig_height = scatter([d.height for d in images], np.int64)
+    orientation = scatter([d.orientation for d in images], np.int64, 1)
+    animated = scatter([d.animated for d in images], bool, False)
+    passthrough = scatter([d.passthrough for d in images], bool, False)
+    thumbs = np.zeros((n, THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
+    small = [i for i, a in enumerate(canonical) if a.shape == (THUMB_SIZE, THUMB_SIZE)]
+    if small:
+        thumbs[ok_index[small]] = np.stack([canonical[i] for i in small]) if len(small) > 1 else canonical[small[0]]
+    for i, array in enumerate(canonical):
+        if array.shape != (THUMB_SIZE, THUMB_SIZE):
+            gray = Image.fromarray(array, mode="L") if array.ndim == 2 else images[i].image.convert("L")
+            thumbs[ok_index[i]] = np.asarray(gray.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
     if state is not None:
         state[2] = 0.0  # post-processing is bounded numpy work on decoded pixels
     # Features of the whole chunk at once (stacked numpy), scattered to the decoded rows.
@@ -791,8 +821,8 @@ def process_chunk(
         columns[name] = full
     columns["file_size"] = file_size
     columns["ok"] = ok_column
-    columns["orig_width"] = orig_size[:, 0].copy()
-    columns["orig_height"] = orig_size[:, 1].copy()
+    columns["orig_width"] = orig_width
+    columns["orig_height"] = orig_height
     columns["orientation"] = orientation
     columns["animated"] = animated
     columns["passthrough"] = passthrough
@@ -1016,7 +1046,7 @@ class _Worker:
 
 @dataclass
 class PoolStats:
-    """What happened in a :func:`decode_files` run."""
+    """What happened in a :func:`decode_pool` run."""
 
     workers: int = 0
     chunks: int = 0
@@ -1085,7 +1115,7 @@ def _schedule_permutation(items: Sequence[tuple[str, str]]) -> list[int]:
     return [index for extension in sorted(groups) for index in groups[extension]]
 
 
-def decode_files(
+def decode_pool(
     items: Sequence[tuple[str, str]],
     out_dir: str | os.PathLike[str],
     config: DecodeConfig = DecodeConfig(),
@@ -1094,7 +1124,7 @@ def decode_files(
     keep_pixels_up_to: int = 0,
     write_passthrough: bool = True,
     meanwhile: Callable[[], Any] | None = None,
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, PoolStats]:
+) -> DecodeOutput:
     """Decode files in worker processes, quarantining the ones that hang or crash.
 
     Args:
@@ -1114,9 +1144,9 @@ def decode_files(
             from it stops the workers and propagates).
 
     Returns:
-        ``(frame, phash, compare, stats)``: one row per item in input order (columns
-        :data:`RESULT_COLUMNS` + :data:`FEATURE_COLUMNS` + ``pixels``), the uint64 pHash
-        per row, the (N, 16, 16) comparison thumbnails, and pool statistics.
+        The columns of every item in input order, hashes, thumbnails and pool statistics.
+        The workers may still be exiting: a background thread reaps them (and kills one
+        that does not exit within 2 s), so their teardown overlaps the caller's work.
 
     Raises:
         DecodePoolError: workers die repeatedly before finishing any chunk.
@@ -1129,7 +1159,7 @@ def decode_files(
     size = _chunk_size(n_items, n_workers, config.chunk_size)
     pending: deque[tuple[int, list[tuple[str, str]]]] = deque()
     if len({key for key, _ in items}) != n_items:
-        raise ValueError("decode_files needs unique keys")
+        raise ValueError("decode_pool needs unique keys")
     root = _common_root(items)
     seq = 0
     order = np.asarray(_schedule_permutation(items), dtype=np.int64)
@@ -1304,14 +1334,15 @@ def decode_files(
         blas.close()
         raise
     _stop_workers(pool)
-    try:
-        # The workers exit while the frame is built.
-        frame, phash, compare = results.finish()
-    finally:
-        _join_workers(pool)
-        blas.close()
+    # Every worker was forked: the caller's BLAS setting can come back.
+    blas.close()
+    # Tearing down a forked copy of a large process takes milliseconds of kernel work; it
+    # overlaps the caller's own work instead of being waited for here.
+    threading.Thread(target=_join_workers, args=(pool,), name="cvops-decode-reaper", daemon=True).start()
+    output = results.finish()
     stats.seconds = time.perf_counter() - started
-    return frame, phash, compare, stats
+    output.stats = stats
+    return output
 
 
 def _stop_workers(pool: list[_Worker]) -> None:
@@ -1383,25 +1414,79 @@ class _Results:
             column[position] = row[name]
         self.numbers["ok"][position] = False
 
-    def finish(self) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-        """The frame (input order), pHashes and comparison thumbnails."""
+    def finish(self) -> DecodeOutput:
+        """The columns in input order, once every row is filled."""
         if not self.filled.all():
             raise RuntimeError(f"decode pool returned {int(self.filled.sum())} results for {self.n_items} files")
+        return DecodeOutput(self.objects, self.numbers, self.phash, self.compare, self.pixels, PoolStats(workers=0))
+
+
+@dataclass
+class DecodeOutput:
+    """What :func:`decode_pool` decoded, one entry per item in input order.
+
+    Attributes:
+        objects: the text columns (object arrays, ``None`` where missing).
+        numbers: the numeric and boolean columns (numpy arrays; a failed item holds 0,
+            ``False`` or NaN, shown as missing by :meth:`frame` and :meth:`column`).
+        phash, compare: uint64 pHashes and (N, 16, 16) comparison thumbnails.
+        pixels: kept canonical arrays (object array, ``None`` where not kept).
+        stats: pool statistics.
+    """
+
+    objects: dict[str, np.ndarray]
+    numbers: dict[str, np.ndarray]
+    phash: np.ndarray
+    compare: np.ndarray
+    pixels: np.ndarray
+    stats: PoolStats
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.numbers["ok"]
+
+    def column(self, name: str, rows: np.ndarray | None = None) -> Any:
+        """One column, optionally taken at ``rows`` (``-1``: a missing row).
+
+        Text columns come as object arrays (``None`` where missing), integer and the
+        ``animated``/``passthrough`` columns as pandas nullable arrays (missing where the
+        item failed), the rest as numpy arrays.
+        """
+        ok = self.ok
+        if rows is not None:
+            have = rows >= 0
+            safe = np.where(have, rows, 0)
+            ok = ok[safe] & have
+        if name in self.objects:
+            values = self.objects[name] if rows is None else self.objects[name][safe]
+            if rows is not None:
+                values[~have] = None
+            return values
+        if name == "pixels":
+            values = self.pixels if rows is None else self.pixels[safe]
+            if rows is not None:
+                values[~have] = None
+            return values
+        values = self.numbers[name] if rows is None else self.numbers[name][safe]
+        if name in _INT_COLUMNS:
+            return pd.arrays.IntegerArray(np.asarray(values, dtype=np.int64), ~ok)
+        if name in ("animated", "passthrough"):
+            return pd.arrays.BooleanArray(np.asarray(values, dtype=bool), ~ok)
+        if name in _FLOAT_COLUMNS and rows is not None:
+            values = np.where(have, values, np.nan)
+        return values if rows is None or name != "ok" else values & have
+
+    def frame(self) -> pd.DataFrame:
+        """All columns as one frame (input order)."""
         columns: dict[str, Any] = {}
-        ok = self.numbers["ok"]
         for name in _ALL_COLUMNS:
             if name in self.objects:
                 # Explicitly object: inferring Arrow strings costs more than the frame's users save.
                 columns[name] = pd.Series(self.objects[name], dtype=object, copy=False)
-            elif name in _INT_COLUMNS:
-                columns[name] = pd.arrays.IntegerArray(self.numbers[name], ~ok)
-            elif name in ("animated", "passthrough"):
-                columns[name] = pd.arrays.BooleanArray(self.numbers[name], ~ok)
             else:
-                columns[name] = self.numbers[name]
+                columns[name] = self.column(name)
         columns["pixels"] = self.pixels
-        frame = pd.DataFrame(columns, columns=[*_ALL_COLUMNS, "pixels"])
-        return frame, self.phash, self.compare
+        return pd.DataFrame(columns, columns=[*_ALL_COLUMNS, "pixels"])
 
 
 def default_scratch_dir() -> Path:

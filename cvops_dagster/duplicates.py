@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import pandas as pd
 
 THUMB_SIZE = 32
 """Side of the luma thumbnail the perceptual hash is computed from."""
@@ -134,7 +133,10 @@ def _value_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[
     split the 64 bits into ``threshold + 1`` bands; two hashes within the threshold agree
     exactly on at least one band, so only hashes sharing a band value are compared. That is
     near-linear instead of quadratic; when bands are too narrow or too crowded to help it
-    falls back to comparing every pair.
+    falls back to comparing every pair. Bands interleave the bits (band ``k`` holds bits
+    ``k, k + bands, ...``): the lowest DCT coefficients agree most often between similar
+    images, and contiguous bands put them all in one crowded band (measured on the digits:
+    half the candidate pairs of contiguous bands).
     """
     phash = np.asarray(phash, dtype=np.uint64)
     n = len(phash)
@@ -142,13 +144,14 @@ def _value_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     bands = threshold + 1
     if 64 // bands >= 8:
-        widths = [64 // bands + (1 if k < 64 % bands else 0) for k in range(bands)]
+        bits = np.unpackbits(phash.astype("<u8").view(np.uint8).reshape(n, 8), axis=1, bitorder="little")
         firsts, seconds = [], []
         total = 0
-        offset = 0
-        for width in widths:
-            values = (phash >> np.uint64(offset)) & np.uint64((1 << width) - 1)
-            offset += width
+        for band in range(bands):
+            packed = np.packbits(bits[:, band::bands], axis=1, bitorder="little")
+            padded = np.zeros((n, 8), dtype=np.uint8)
+            padded[:, : packed.shape[1]] = packed
+            values = padded.view("<u8").reshape(n)
             order = np.argsort(values, kind="stable")
             ordered = values[order]
             starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
@@ -222,11 +225,12 @@ def find_duplicates(
     if n == 0:
         return keep, kind
 
-    codes, _ = pd.factorize(pd.Series(list(pixel_hashes), dtype=object))
-    _, first = np.unique(codes, return_index=True)
-    first_of_code = np.empty(len(first), dtype=np.int64)
-    first_of_code[np.unique(codes)] = first
-    keep = first_of_code[codes]
+    code_of: dict[str, int] = {}
+    codes = np.fromiter((code_of.setdefault(h, len(code_of)) for h in pixel_hashes), dtype=np.int64, count=n)
+    # Codes are numbered in order of first appearance: the first image of code c is kept.
+    running = np.maximum.accumulate(codes)
+    first = np.flatnonzero(np.r_[True, running[1:] > running[:-1]])
+    keep = first[codes]
     kinds = np.full(n, None, dtype=object)
     kinds[keep != np.arange(n)] = "exact"
 

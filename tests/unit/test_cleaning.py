@@ -269,3 +269,38 @@ def test_invalid_raw_image_key_stops_cleaning(storage: ArtifactStorage) -> None:
     frame.loc[0, "image_key"] = "images/../../etc/passwd"
     with pytest.raises(ValueError, match="invalid artifact key"):
         clean_dataset(storage, frame, CleaningConfig(), workers=1)
+
+
+def test_manifest_dtypes_do_not_depend_on_the_values(storage: ArtifactStorage) -> None:
+    # All clean: reason, detail and alias columns hold no value at all.
+    files = [(f"a/{i}.png", "a", encode(_smooth(70 + i))) for i in range(4)]
+    manifest = raw_manifest(storage, "b", files)
+    result = clean_dataset(storage, manifest, workers=1)
+    assert set(result.manifest["outcome"]) == {"clean"}
+    stored = storage.read_parquet(result.manifest_key)
+    assert list(stored.columns) == list(result.manifest.columns)
+    assert stored.dtypes.to_dict() == result.manifest.dtypes.to_dict()
+    dtypes = stored.dtypes.map(str).to_dict()
+    assert dtypes["reason"] == dtypes["alias_of"] == dtypes["record_id"] == "str"
+    assert dtypes["orig_width"] == dtypes["file_size"] == "Int64"
+    assert dtypes["animated"] == "boolean" and dtypes["sharpness"] == "float64"
+    assert stored["reason"].isna().all()
+    pd.testing.assert_frame_equal(stored, result.manifest)
+
+
+def test_records_without_an_image_key_are_quarantined_and_ordered_by_ingestion(storage: ArtifactStorage) -> None:
+    files = [(f"a/{i}.png", "a", encode(_smooth(80 + i))) for i in range(3)]
+    manifest = raw_manifest(storage, "b", files)
+    manifest.loc[1, "image_key"] = None
+    manifest.loc[2, "image_key"] = "  "
+    # Listed out of ingestion order: the manifest comes back ordered by (ingested_at, record_id).
+    manifest.loc[0, "ingested_at"] = "2025-02-01T00:00:00+00:00"
+    result = clean_dataset(storage, manifest, workers=1)
+    rows = result.manifest.set_index("path")
+    assert rows.loc["a/0.png", "outcome"] == "clean"
+    for path in ("a/1.png", "a/2.png"):
+        assert rows.loc[path, "outcome"] == "quarantined"
+        assert rows.loc[path, "reason"] == "missing_image"
+        assert pd.isna(rows.loc[path, "width"])
+    assert result.manifest["path"].tolist() == ["a/1.png", "a/2.png", "a/0.png"]
+    check_accounting(result.manifest, manifest["record_id"])

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from cvops_dagster import decoding
-from cvops_dagster.decoding import DecodeConfig, DecodeFailure, decode_files, decode_image, sniff_format
+from cvops_dagster.decoding import DecodeConfig, DecodeFailure, decode_image, decode_pool, sniff_format
 
 from tests.unit.rawdata import encode, textured
 
@@ -213,7 +213,8 @@ def test_pool_quarantines_hung_and_crashed_files_and_carries_on(tmp_path, monkey
     named = {**dict(list(good.items())[:5]), "hang": good["good0"], "crash": good["good1"], **dict(list(good.items())[5:])}
     config = DecodeConfig(start_method="fork", task_timeout_s=1.0, chunk_size=4)
     started = time.monotonic()
-    frame, phash, compare, stats = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=2)
+    output = decode_pool(_write_items(tmp_path, named), tmp_path / "out", config, workers=2)
+    frame, phash, compare, stats = output.frame(), output.phash, output.compare, output.stats
     assert time.monotonic() - started < 30
     by_key = frame.set_index("key")
     assert by_key.loc["hang", "reason"] == decoding.REASON_TIMEOUT
@@ -229,7 +230,7 @@ def test_pool_memory_limit_quarantines_the_file(tmp_path) -> None:
     big = encode(Image.new("RGB", (5000, 5000), (10, 20, 30)), compress_level=1)  # 75 MB decoded
     named = {"big": big, "small": encode(textured(12, 12, seed=30))}
     config = DecodeConfig(memory_limit_bytes=40 * 1024**2)
-    frame, _, _, _ = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    frame = decode_pool(_write_items(tmp_path, named), tmp_path / "out", config, workers=1).frame()
     by_key = frame.set_index("key")
     assert by_key.loc["big", "reason"] == decoding.REASON_MEMORY
     assert bool(by_key.loc["small", "ok"])
@@ -240,7 +241,7 @@ def test_pool_writes_canonical_pngs_named_by_their_hash(tmp_path) -> None:
 
     named = {"a": encode(textured(12, 12, seed=31), "BMP"), "b": encode(textured(12, 12, seed=32, mode="L"))}
     config = DecodeConfig(start_method="forkserver")  # the other start method works too
-    frame, _, _, _ = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    frame = decode_pool(_write_items(tmp_path, named), tmp_path / "out", config, workers=1).frame()
     assert frame["ok"].all()
     for sha in frame["canonical_sha"]:
         data = (tmp_path / "out" / f"{sha}.png").read_bytes()
@@ -261,7 +262,8 @@ def test_worker_hanging_at_start_is_replaced_without_blaming_a_file(tmp_path, mo
     monkeypatch.setattr(decoding, "_init_worker", hang_first_time)  # inherited by forked workers
     named = {f"f{i}": encode(textured(10, 10, seed=40 + i)) for i in range(5)}
     config = DecodeConfig(start_method="fork", task_timeout_s=1.0)
-    frame, _, _, stats = decode_files(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    output = decode_pool(_write_items(tmp_path, named), tmp_path / "out", config, workers=1)
+    frame, stats = output.frame(), output.stats
     assert frame["ok"].all()
     assert stats.crashes == 1 and stats.restarts == 1
 
@@ -340,10 +342,10 @@ def test_pool_can_return_pixels_instead_of_encoding(tmp_path) -> None:
         "png": encode(textured(12, 12, seed=61, mode="L")),
         "big": encode(textured(64, 64, seed=62), "BMP"),
     }
-    frame, _, _, _ = decode_files(
+    frame = decode_pool(
         _write_items(tmp_path, named), tmp_path / "out", DecodeConfig(), workers=1,
         keep_pixels_up_to=12 * 12 * 3, write_passthrough=False,
-    )
+    ).frame()
     rows = frame.set_index("key")
     assert rows["ok"].all()
     # Small non-canonical image: pixels back, nothing encoded.
@@ -492,3 +494,53 @@ def test_workers_keep_freed_memory_instead_of_faulting_it_in_again() -> None:
         faults[tuned] = parent.recv()
         process.join(5)
     assert faults[True] * 10 < faults[False], faults
+
+
+@pytest.mark.parametrize("size", [0, 1000, decoding._FIRST_READ - 1, decoding._FIRST_READ, decoding._FIRST_READ * 3 + 7])
+def test_read_file_returns_every_byte(tmp_path, size: int) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert decoding._read_file(str(path)) == data
+    with pytest.raises(DecodeFailure) as info:
+        decoding._read_file(str(tmp_path / "absent"))
+    assert info.value.reason == decoding.REASON_MISSING
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (32, 32)])
+def test_pixel_hash_is_the_documented_digest(shape: tuple[int, ...]) -> None:
+    array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    mode = "L" if len(shape) == 2 else "RGB"
+    reference = hashlib.blake2b(f"{mode}:{shape[1]}x{shape[0]}:".encode(), digest_size=16)
+    reference.update(array.tobytes())
+    assert decoding.pixel_hash(array) == reference.hexdigest()
+    assert decoding.pixel_hash(Image.fromarray(array)) == reference.hexdigest()
+    # A non-contiguous view of the same pixels hashes alike; twice in a row too (cached header).
+    wide = np.zeros((shape[0], shape[1] * 2, *shape[2:]), dtype=np.uint8)
+    wide[:, ::2] = array
+    assert decoding.pixel_hash(wide[:, ::2]) == decoding.pixel_hash(array) == reference.hexdigest()
+
+
+def _children() -> set[int]:
+    """Child pids of this process (zombies included: they are listed until reaped)."""
+    pids: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids |= {int(pid) for pid in f.read().split()}
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="lists child processes through Linux's /proc")
+def test_workers_are_reaped_after_the_pool_returns(tmp_path) -> None:
+    before = _children()
+    named = {f"f{i}": encode(textured(16, 16, seed=90 + i)) for i in range(6)}
+    output = decode_pool(_write_items(tmp_path, named), tmp_path / "out", DecodeConfig(), workers=2)
+    assert output.ok.all() and output.stats.workers == 2
+    workers = _children() - before
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "decode workers left unreaped"

@@ -50,3 +50,14 @@ def test_version_is_order_independent_and_content_sensitive() -> None:
     assert dataset_version(rows) != dataset_version([*rows[:2], ("c", "dog", "test")])
     assert dataset_version(rows) != dataset_version(rows[:2])
     assert len(dataset_version(rows)) == 16
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SplitConfig(), SplitConfig(train=0.5, val=0.25, test=0.25, salt="other"), SplitConfig(train=1.0, val=0.0, test=0.0)],
+)
+def test_batch_assignment_equals_one_by_one(config: SplitConfig) -> None:
+    ids = _ids(3000, "batch")
+    labels = [str(i % 7) for i in range(3000)]
+    assert assign_splits(ids, labels, config) == [assign_split(i, lab, config) for i, lab in zip(ids, labels, strict=True)]
+    assert assign_splits([], [], config) == []
