@@ -11,6 +11,9 @@ PNGs), and with ``scale=10`` a 10x larger set made by re-encoding each digit in 
 variants (PNG at two compression levels, BMP, TIFF raw and deflate, GIF, lossless and
 lossy WebP, JPEG at two qualities) in a temporary folder.
 
+The benchmark first loads the Dagster code location (:mod:`cvops_dagster.definitions`), so
+the process forking the decode workers is as large as the Dagster step that runs the
+cleaning (forking costs grow with the parent's memory); ``parent_rss_mb`` reports its size.
 One untimed warm-up run pays the once-per-process costs (first imports, and the
 forkserver when that start method is configured); each timed run then starts its own
 workers and writes into an empty canonical folder.
@@ -99,10 +102,23 @@ def _raw_manifest(storage: ArtifactStorage, files: Sequence[tuple[Path, str]]) -
     return pd.DataFrame(rows)
 
 
+def _rss_mb() -> float | None:
+    """This process's resident memory in MB (Linux), the size a fork copies page tables of."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _bare_loop(paths: Sequence[Path]) -> None:
+    """Open and load each file with Pillow; a file Pillow cannot read is passed over."""
     for path in paths:
-        with Image.open(path) as image:
-            image.load()
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception:  # noqa: BLE001, S112 - a broken file must not end the loop
+            continue
 
 
 def run_cleaning_benchmark(
@@ -129,6 +145,8 @@ def run_cleaning_benchmark(
         ``ratio_<n>_worker(s)`` (cleaning rate / bare rate), the outcome counts of the last
         cleaning run and the decode phase's share of its time.
     """
+    import cvops_dagster.definitions  # noqa: F401 - the code location a cleaning step holds (see above)
+
     work = Path(tempfile.mkdtemp(prefix="cvops-cleaning-bench-"))
     try:
         if files is None:
@@ -158,6 +176,7 @@ def run_cleaning_benchmark(
         figures: dict[str, Any] = {"files": n_files, "distinct_files": len(raw_paths), "scale": scale}
         # Other processes on the machine skew the parallel figures most: record the load.
         figures["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        figures["parent_rss_mb"] = _rss_mb()
         figures["bare_images_per_s"] = len(raw_paths) / bare_best
         last = None
         for count in workers:

@@ -490,19 +490,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (Lightning tips, GX temp folders, Optuna trial lines) off the terminal."""
-    import lightning.pytorch  # noqa: F401 - it sets its loggers to INFO on import; override after
+def _quiet_libraries(trains: bool) -> None:
+    """Library chatter (Lightning tips, GX temp folders, Optuna trial lines) off the terminal.
 
+    Lightning and Optuna log through handlers of their own, set up when they are imported,
+    so they are imported here to be quieted, only for commands that train (``trains``): a
+    command that never does (``bench cleaning``) keeps torch out of its process.
+    """
+    if trains:
+        import lightning.pytorch  # noqa: F401 - it sets its loggers to INFO on import; override after
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "great_expectations", "optuna", "py.warnings"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("OPTUNA_VERBOSITY", "WARNING")
-    try:
-        import optuna
+    if trains:
+        try:
+            import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    except ImportError:  # pragma: no cover - optuna is a dependency
-        pass
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        except ImportError:  # pragma: no cover - optuna is a dependency
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -510,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose and args.command in ("run", "demo", "bench"):
-        _quiet_libraries()
+        _quiet_libraries(trains=args.command != "bench" or args.name != "cleaning")
     _apply_overrides(args)
     try:
         return int(args.func(args) or 0)

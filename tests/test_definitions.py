@@ -76,3 +76,26 @@ def test_layering_check_sees_real_imports(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("import os\nfrom dagster import asset\n")
     assert "dagster" in _imported_modules(probe)
+
+
+def _modules_after(code: str) -> set[str]:
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if '.' not in m)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    return set(result.stdout.split())
+
+
+def test_code_location_loads_without_the_training_stack() -> None:
+    # Every Dagster step process loads the code location; the cleaning step forks its decode
+    # workers from it. torch, Lightning, Optuna and ONNX load only in the steps using them.
+    loaded = _modules_after("import cvops_dagster.definitions")
+    assert "dagster" in loaded
+    assert not loaded & {"torch", "lightning", "optuna", "onnx", "onnxruntime", "sklearn"}
+
+
+def test_quieting_the_cli_for_a_cleaning_benchmark_loads_no_torch() -> None:
+    quiet = "import logging; logging.basicConfig(); from cvops_dagster import cli; cli._quiet_libraries(trains={})"
+    assert "torch" not in _modules_after(quiet.format(False))
+    assert {"torch", "lightning", "optuna"} <= _modules_after(quiet.format(True))
