@@ -16,7 +16,9 @@ the process forking the decode workers is as large as the Dagster step that runs
 cleaning (forking costs grow with the parent's memory); ``parent_rss_mb`` reports its size.
 One untimed warm-up run pays the once-per-process costs (first imports, and the
 forkserver when that start method is configured); each timed run then starts its own
-workers and writes into an empty canonical folder.
+workers and writes into an empty canonical folder. A pass returns while its workers are
+still exiting (they are reaped in the background); the next timed pass waits until they
+are gone, as back-to-back passes do not happen in a real run.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pandas as pd
 from PIL import Image
 
 from cvops_dagster.cleaning import CleaningConfig, clean_dataset
-from cvops_dagster.decoding import schedule_order
+from cvops_dagster.decoding import schedule_order, wait_for_exited_workers
 from cvops_dagster.storage import ArtifactStorage
 
 logger = logging.getLogger(__name__)
@@ -168,6 +170,7 @@ def run_cleaning_benchmark(
                     shutil.rmtree(path)
 
         clean_dataset(storage, manifest.head(16), config, workers=1)  # warm-up, untimed
+        wait_for_exited_workers()
         bare_best = float("inf")
         for _ in range(max(1, repeats)):
             started = time.perf_counter()
@@ -186,6 +189,9 @@ def run_cleaning_benchmark(
                 started = time.perf_counter()
                 last = clean_dataset(storage, manifest, config, workers=count)
                 best = min(best, time.perf_counter() - started)
+                # The workers exit after the pass returns (overlapping the caller's work);
+                # the next timed pass starts once they are gone.
+                wait_for_exited_workers()
             suffix = "1_worker" if count == 1 else f"{count}_workers"
             rate = len(raw_paths) / best
             figures[f"cleaning_images_per_s_{suffix}"] = rate

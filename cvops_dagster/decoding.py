@@ -896,7 +896,7 @@ def _single_threaded_numerics() -> None:
     products (the pHash DCT) and its threads spin while waiting, so two workers on two
     cores would fight four busy threads.
     """
-    if _FORKED_SINGLE_THREADED:
+    if _FORKED_SINGLE_THREADED or _BLAS_PINNED:
         # Forked at one BLAS thread already; calling into OpenBLAS here would (re)create
         # its thread pool in this child, the very threads that we avoid.
         return
@@ -906,6 +906,24 @@ def _single_threaded_numerics() -> None:
 
 
 _SINGLE_THREADED_DEPTH = 0
+_BLAS_PINNED = False  # set by pin_single_threaded_blas(), for the rest of the process
+
+
+def pin_single_threaded_blas() -> None:
+    """Set this process's BLAS (numpy's OpenBLAS) to one thread for the rest of its life.
+
+    :func:`single_threaded_blas` restores the caller's thread count when it ends, and on a
+    process that has forked decode workers that restore makes OpenBLAS start fresh helper
+    threads, which busy-wait for about 0.1 s: measured, they slowed the next 0.1 s of
+    work in the process by half. Cleaning pins instead: a Dagster step's process cleans
+    once and then only validates; numpy code run later in the same process (``cvops run``)
+    gets one BLAS thread (torch keeps its own thread pool).
+    """
+    global _BLAS_PINNED
+    controller = _threadpools()
+    if controller is not None and not _BLAS_PINNED:
+        controller.limit(limits=1, user_api="blas")
+        _BLAS_PINNED = True
 
 
 @contextlib.contextmanager
@@ -922,7 +940,7 @@ def single_threaded_blas() -> Any:
     """
     global _FORKED_SINGLE_THREADED, _SINGLE_THREADED_DEPTH
     controller = _threadpools()
-    if controller is None or _SINGLE_THREADED_DEPTH:
+    if controller is None or _SINGLE_THREADED_DEPTH or _BLAS_PINNED:
         _SINGLE_THREADED_DEPTH += 1
         try:
             yield
@@ -1338,11 +1356,31 @@ def decode_pool(
     blas.close()
     # Tearing down a forked copy of a large process takes milliseconds of kernel work; it
     # overlaps the caller's own work instead of being waited for here.
-    threading.Thread(target=_join_workers, args=(pool,), name="cvops-decode-reaper", daemon=True).start()
+    reaper = threading.Thread(target=_join_workers, args=(pool,), name="cvops-decode-reaper", daemon=True)
+    reaper.start()
+    _REAPERS[:] = [thread for thread in _REAPERS if thread.is_alive()] + [reaper]
     output = results.finish()
     stats.seconds = time.perf_counter() - started
     output.stats = stats
     return output
+
+
+_REAPERS: list[threading.Thread] = []
+
+
+def wait_for_exited_workers(timeout_s: float = 10.0) -> bool:
+    """Wait until the workers of finished pools have exited (they are reaped in the background).
+
+    For callers that time one pass after another (benchmarks): a pool's workers tearing
+    down would otherwise take CPU from the next pass. Returns ``False`` on timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    while _REAPERS:
+        _REAPERS[0].join(max(0.0, deadline - time.monotonic()))
+        if _REAPERS[0].is_alive():
+            return False
+        _REAPERS.pop(0)
+    return True
 
 
 def _stop_workers(pool: list[_Worker]) -> None:

@@ -544,3 +544,16 @@ def test_workers_are_reaped_after_the_pool_returns(tmp_path) -> None:
     while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "decode workers left unreaped"
+
+
+def test_pinned_blas_stays_single_threaded_through_pools() -> None:
+    from cvops_dagster import decoding as decoding_module
+
+    controller = decoding_module._threadpools()
+    if controller is None:
+        pytest.skip("threadpoolctl is not installed")
+    decoding_module.pin_single_threaded_blas()
+    with decoding_module.single_threaded_blas():  # a pool's block: nothing to restore after it
+        pass
+    blas = [info for info in controller.info() if info["user_api"] == "blas"]
+    assert blas and all(info["num_threads"] == 1 for info in blas)
