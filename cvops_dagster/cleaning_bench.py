@@ -7,7 +7,7 @@ only opens and fully loads each image; the cleaning pass is the whole
 normalisation, canonical PNGs, features, hashes, duplicates, splits, manifest writing).
 
 Without ``files`` it builds the sample data (the 1,797 sklearn digits as 32x32 grayscale
-PNGs), and with ``scale=10`` a 10x larger set made by re-encoding each digit in ten
+PNGs, in a child process: see :func:`_build_in_subprocess`), and with ``scale=10`` a 10x larger set made by re-encoding each digit in ten
 variants (PNG at two compression levels, BMP, TIFF raw and deflate, GIF, lossless and
 lossy WebP, JPEG at two qualities) in a temporary folder.
 
@@ -78,6 +78,26 @@ def build_sample_files(folder: Path, scale: int = 1) -> list[tuple[Path, str]]:
             path.write_bytes(buffer.getvalue())
             files.append((path, str(label)))
     return files
+
+
+def _build_in_subprocess(folder: Path, scale: int) -> list[tuple[Path, str]]:
+    """:func:`build_sample_files` run in a child interpreter.
+
+    Making the digits loads scikit-learn (~70 MB), which a Dagster step that cleans never
+    holds; building them elsewhere keeps the timed process the size of such a step.
+    """
+    import subprocess
+    import sys
+
+    code = "import sys; from pathlib import Path; from cvops_dagster.cleaning_bench import build_sample_files; "
+    code += "files = build_sample_files(Path(sys.argv[1]), int(sys.argv[2])); "
+    code += "print('\\n'.join(f'{p}\\t{label}' for p, label in files))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(scale)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"building the sample files failed: {result.stderr.strip()[-2000:]}")
+    return [(Path(path), label) for path, label in (line.split("\t") for line in result.stdout.splitlines() if line)]
 
 
 def _raw_manifest(storage: ArtifactStorage, files: Sequence[tuple[Path, str]]) -> pd.DataFrame:
@@ -152,7 +172,7 @@ def run_cleaning_benchmark(
     work = Path(tempfile.mkdtemp(prefix="cvops-cleaning-bench-"))
     try:
         if files is None:
-            labelled = build_sample_files(work / "source", scale)
+            labelled = _build_in_subprocess(work / "source", scale)
         else:
             labelled = [(Path(p), Path(p).parent.name) for p in files]
         storage = ArtifactStorage(str(work / "store"))
