@@ -88,7 +88,6 @@ def dataset_version(rows: Iterable[tuple[str, ...]], context: str = "") -> str:
     Returns:
         The version string: equal contents give equal versions, whatever the row order.
     """
-    digest = hashlib.sha256(context.encode())
-    for row in sorted(rows):
-        digest.update(("\t".join(map(str, row)) + "\n").encode())
-    return digest.hexdigest()[:16]
+    # One update of the joined rows: the same bytes as a row at a time, without a call each.
+    text = "".join(["\t".join(map(str, row)) + "\n" for row in sorted(rows)])
+    return hashlib.sha256((context + text).encode()).hexdigest()[:16]

@@ -61,3 +61,9 @@ def test_batch_assignment_equals_one_by_one(config: SplitConfig) -> None:
     labels = [str(i % 7) for i in range(3000)]
     assert assign_splits(ids, labels, config) == [assign_split(i, lab, config) for i, lab in zip(ids, labels, strict=True)]
     assert assign_splits([], [], config) == []
+
+
+def test_version_is_the_documented_hash_of_the_sorted_rows() -> None:
+    rows = [("b", "dög", "val", "canonical/2.png"), ("a", "cat", "train", "canonical/1.png")]
+    expected = hashlib.sha256("mode=L".encode() + "a\tcat\ttrain\tcanonical/1.png\nb\tdög\tval\tcanonical/2.png\n".encode())
+    assert dataset_version(rows, context="mode=L") == expected.hexdigest()[:16]
