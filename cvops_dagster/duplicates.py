@@ -167,14 +167,15 @@ def _value_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[
             first = np.repeat(np.arange(n), counts)
             step = np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)
             a, b = order[first], order[first + 1 + step]
+            close = np.bitwise_count(phash[a] ^ phash[b]) <= threshold  # few survive: keep only them
+            a, b = a[close], b[close]
             firsts.append(np.minimum(a, b))
             seconds.append(np.maximum(a, b))
         else:
             if not firsts:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
             i, j = np.concatenate(firsts), np.concatenate(seconds)
-            close = np.bitwise_count(phash[i] ^ phash[j]) <= threshold
-            code = np.sort(i[close].astype(np.int64) * n + j[close])
+            code = np.sort(i.astype(np.int64) * n + j)
             code = code[np.r_[True, code[1:] != code[:-1]]] if len(code) else code  # found in several bands
             return code // n, code % n
     firsts, seconds = [], []
