@@ -368,12 +368,17 @@ def _manifest_schema() -> pa.Schema:
     return pa.Schema.from_pandas(frame, preserve_index=False)
 
 
+def _manifest_array(name: str, values: Any) -> pa.Array:
+    """One manifest column as an Arrow array of its schema type (``None``/NaN are nulls)."""
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(values, type=_manifest_schema().field(name).type, from_pandas=True)
+
+
 def _manifest_table(columns: dict[str, Any]) -> pa.Table:
     """The manifest as an Arrow table, straight from its column arrays (no pandas frame)."""
     schema = _manifest_schema()
-    return pa.Table.from_arrays(
-        [pa.array(columns[f.name], type=f.type, from_pandas=True) for f in schema], schema=schema
-    )
+    return pa.Table.from_arrays([_manifest_array(f.name, columns[f.name]) for f in schema], schema=schema)
 
 
 def _manifest_parquet(manifest: pa.Table) -> bytes:
@@ -565,8 +570,28 @@ def _clean_dataset(
             [str(v) for v in prepared["label"][labelled].tolist()],
             config.splits,
         )
+        label_column = np.full(n, None, dtype=object)
+        label_column[labelled] = np.array([str(v) for v in prepared["label"][labelled].tolist()] + [""], dtype=object)[:-1]
+        raw_keys = unsorted_keys[order]
+        # The manifest's per-record columns as Arrow arrays, made now rather than after.
+        arrow = {
+            name: _manifest_array(name, values)
+            for name, values in (
+                ("record_id", prepared["record_id"]),
+                ("batch_id", prepared["batch_id"]),
+                ("path", prepared["path"]),
+                ("sample_id", prepared["sample_id"]),
+                ("label", label_column),
+                ("raw_image_key", raw_keys),
+            )
+        }
         prepared.update(
-            raw_keys=unsorted_keys[order], row_of=unsorted_row_of[order], labelled=labelled, split_all=split_all
+            raw_keys=raw_keys,
+            row_of=unsorted_row_of[order],
+            labelled=labelled,
+            split_all=split_all,
+            label_column=label_column,
+            arrow=arrow,
         )
 
     scratch = None if storage.is_local else default_scratch_dir()
@@ -666,9 +691,8 @@ def _clean_dataset(
         # Big-endian bytes in hex: the zero-padded 16-digit hex of each hash.
         text = decoded.phash[row_of[ok]].astype(">u8").tobytes().hex()
         phash_text[ok] = [text[i : i + 16] for i in range(0, len(text), 16)]
-    label_column = labels.copy()
-    label_column[~labelled] = None
-    label_column[labelled] = np.array([str(v) for v in labels[labelled].tolist()] + [""], dtype=object)[:-1]
+    label_column = prepared["label_column"]
+    arrow = prepared["arrow"]
     canonical_mode[~ok] = None
     channels[~ok] = pd.NA
     record_ids = prepared["record_id"]
@@ -677,18 +701,18 @@ def _clean_dataset(
     width, height = pick("width"), pick("height")
     manifest = _manifest_table(
         {
-            "record_id": record_ids,
-            "batch_id": batch_ids,
-            "path": paths,
-            "sample_id": sample_ids,
-            "label": label_column,
+            "record_id": arrow["record_id"],
+            "batch_id": arrow["batch_id"],
+            "path": arrow["path"],
+            "sample_id": arrow["sample_id"],
+            "label": arrow["label"],
             "outcome": outcome,
             "reason": reason,
             "reason_detail": detail,
             "alias_of": alias_of,
             "split": split,
             "image_key": image_key,
-            "raw_image_key": raw_keys,
+            "raw_image_key": arrow["raw_image_key"],
             "format": pick("format"),
             "mode": pick("mode"),
             "orig_width": pick("orig_width"),
