@@ -43,8 +43,8 @@ from cvops_dagster.decoding import (
     NORMALISATION_POLICY,
     REASON_MISSING,
     DecodeConfig,
-    PoolStats,
     DecodeOutput,
+    PoolStats,
     decode_pool,
     default_scratch_dir,
     encode_png,
@@ -206,13 +206,9 @@ def _first_invalid_key(keys: list[str]) -> str | None:
     return next((key for key in keys if not is_valid_key(key)), None)
 
 
-def _present(values: pd.Series) -> np.ndarray:
-    """Per entry: not missing and not blank text (vectorised :func:`_is_blank`)."""
-    return _present_values(values.to_numpy(dtype=object, na_value=None))
-
-
 def _present_values(values: np.ndarray) -> np.ndarray:
-    """:func:`_present` of an object array (``None`` for missing), in Arrow's C code for text."""
+    """Per entry of an object array: not missing and not blank text (vectorised
+    :func:`_is_blank`, in Arrow's C code for text)."""
     try:
         array = pa.array(values, from_pandas=True)
     except (pa.ArrowException, TypeError, ValueError):
@@ -246,8 +242,12 @@ def _ingestion_order(columns: dict[str, np.ndarray]) -> np.ndarray:
         return frame.sort_values(names, kind="stable").index.to_numpy(dtype=np.int64)
 
 
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA or value is pd.NaT
+
+
 def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or pd.isna(value) or not str(value).strip()
+    return _is_missing(value) or pd.isna(value) or not str(value).strip()
 
 
 def _stage_inputs(
@@ -369,10 +369,19 @@ def _manifest_schema() -> pa.Schema:
 
 
 def _manifest_array(name: str, values: Any) -> pa.Array:
-    """One manifest column as an Arrow array of its schema type (``None``/NaN are nulls)."""
+    """One manifest column as an Arrow array of its schema type (``None``/NaN are nulls).
+
+    Text columns take other values (an integer batch id, say) as their ``str``.
+    """
     if isinstance(values, pa.Array):
         return values
-    return pa.array(values, type=_manifest_schema().field(name).type, from_pandas=True)
+    kind = _manifest_schema().field(name).type
+    try:
+        return pa.array(values, type=kind, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise
+        return pa.array([None if _is_missing(v) else str(v) for v in list(values)], type=kind)
 
 
 def _manifest_table(columns: dict[str, Any]) -> pa.Table:
@@ -408,6 +417,10 @@ def check_accounting(manifest: pd.DataFrame, input_records: pd.Series | list[str
             a clean row has no split; or the counts do not add up to the input.
     """
     expected = input_records.tolist() if isinstance(input_records, pd.Series) else list(input_records)
+    required = ("record_id", "outcome", "reason", "split", "alias_of", "sample_id")
+    missing = [c for c in required if c not in manifest.columns]
+    if missing:
+        raise AccountingError(f"manifest lacks the columns {missing}")
     return _account(
         _column(manifest, "record_id"),
         expected,
@@ -515,6 +528,9 @@ def clean_dataset(
         config: cleaning settings.
         workers: decode processes; ``None`` means one per CPU core.
 
+    numpy's BLAS is left at one thread in this process afterwards (see
+    :func:`~cvops_dagster.decoding.pin_single_threaded_blas`).
+
     Returns:
         The result, with :meth:`CleaningResult.summary` for status reporting.
 
@@ -571,7 +587,8 @@ def _clean_dataset(
             config.splits,
         )
         label_column = np.full(n, None, dtype=object)
-        label_column[labelled] = np.array([str(v) for v in prepared["label"][labelled].tolist()] + [""], dtype=object)[:-1]
+        label_texts = [str(v) for v in prepared["label"][labelled].tolist()]
+        label_column[labelled] = np.array([*label_texts, ""], dtype=object)[:-1]  # ("": keep it 1-D)
         raw_keys = unsorted_keys[order]
         # The manifest's per-record columns as Arrow arrays, made now rather than after.
         arrow = {
@@ -606,7 +623,7 @@ def _clean_dataset(
             write_passthrough=False,
             meanwhile=prepare,
         )
-        if not prepared:  # no file to decode: the pool did not start
+        if not prepared:  # no file to decode: the pool started no worker
             prepare()
         raw_keys = prepared["raw_keys"]
         row_of = prepared["row_of"]
@@ -652,7 +669,9 @@ def _clean_dataset(
         group_labels = np.array([str(v) for v in labels[eligible].tolist()] + [""], dtype=object)[:-1]
         # A group conflicts when its (group, label) pairs are not all one pair.
         label_code: dict[str, int] = {}
-        codes = np.fromiter((label_code.setdefault(v, len(label_code)) for v in group_labels.tolist()), np.int64, len(keep))
+        codes = np.fromiter(
+            (label_code.setdefault(v, len(label_code)) for v in group_labels.tolist()), np.int64, len(keep)
+        )
         pairs = np.unique(keep * max(len(label_code), 1) + codes)
         labels_per_group = np.bincount(pairs // max(len(label_code), 1), minlength=len(keep))
         conflict_local = labels_per_group[keep] > 1

@@ -7,13 +7,15 @@ only opens and fully loads each image; the cleaning pass is the whole
 normalisation, canonical PNGs, features, hashes, duplicates, splits, manifest writing).
 
 Without ``files`` it builds the sample data (the 1,797 sklearn digits as 32x32 grayscale
-PNGs, in a child process: see :func:`_build_in_subprocess`), and with ``scale=10`` a 10x larger set made by re-encoding each digit in ten
+PNGs, in a child process: see :func:`_build_in_subprocess`), and with ``scale=10`` a 10x
+larger set made by re-encoding each digit in ten
 variants (PNG at two compression levels, BMP, TIFF raw and deflate, GIF, lossless and
 lossy WebP, JPEG at two qualities) in a temporary folder.
 
-The benchmark first loads the Dagster code location (:mod:`cvops_dagster.definitions`), so
-the process forking the decode workers is as large as the Dagster step that runs the
-cleaning (forking costs grow with the parent's memory); ``parent_rss_mb`` reports its size.
+``cvops bench cleaning`` loads the Dagster code location (:mod:`cvops_dagster.definitions`)
+before calling it, so the process forking the decode workers is as large as the Dagster step
+that runs the cleaning (forking costs grow with the parent's memory); ``parent_rss_mb``
+reports the size.
 One untimed warm-up run pays the once-per-process costs (first imports, and the
 forkserver when that start method is configured); each timed run then starts its own
 workers and writes into an empty canonical folder. A pass returns while its workers are
@@ -167,8 +169,6 @@ def run_cleaning_benchmark(
         ``ratio_<n>_worker(s)`` (cleaning rate / bare rate), the outcome counts of the last
         cleaning run and the decode phase's share of its time.
     """
-    import cvops_dagster.definitions  # noqa: F401 - the code location a cleaning step holds (see above)
-
     work = Path(tempfile.mkdtemp(prefix="cvops-cleaning-bench-"))
     try:
         if files is None:

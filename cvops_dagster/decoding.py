@@ -671,21 +671,22 @@ _ENCODED_MAX = 200_000
 def _read_file(path: str) -> bytes:
     """The whole file, with plain system calls (a buffered file object costs more here).
 
-    One ``read`` of up to 256 KB takes most files whole; only a file filling it is sized
-    with ``fstat`` and read on to its end.
+    Read until ``read`` returns nothing: a short read (a network or FUSE file system, a
+    signal) is not the end of the file. One read of up to 256 KB takes most files whole;
+    the read that confirms the end costs ~0.3 us, less than an ``fstat``.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
             data = os.read(fd, _FIRST_READ)
-            if len(data) < _FIRST_READ:
+            if not data:
                 return data
-            size = os.fstat(fd).st_size
-            parts = [data]
-            total = len(data)
-            while chunk := os.read(fd, max(size - total + 1, 1 << 16)):
+            chunk = os.read(fd, _FIRST_READ)
+            if not chunk:
+                return data
+            parts = [data, chunk]
+            while chunk := os.read(fd, 1 << 20):
                 parts.append(chunk)
-                total += len(chunk)
             return b"".join(parts)
         finally:
             os.close(fd)
@@ -739,6 +740,7 @@ def process_chunk(
     # One tuple per decoded file; the columns are built once after the loop (a numpy
     # element assignment per field and file cost several microseconds a file).
     decoded_rows: list[tuple[int, DecodedImage, str, str | None, int]] = []
+    thumbs = np.zeros((n, THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
     canonical: list[np.ndarray] = []
     pixels: dict[int, np.ndarray] = {}
     level = config.png_compress_level
@@ -753,6 +755,9 @@ def process_chunk(
             decoded = decode_image(data, config)
             array = decoded.pixels
             digest = pixel_hash(array)
+            if array.shape != (THUMB_SIZE, THUMB_SIZE):  # in the loop: this file's time and fault
+                gray = Image.fromarray(array, mode="L") if array.ndim == 2 else decoded.image.convert("L")
+                thumbs[index] = np.asarray(gray.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
             if decoded.passthrough:
                 sha = _write_canonical(out_path, data, source=path) if write_passthrough else hashlib.sha256(data).hexdigest()
             elif array.nbytes <= keep_pixels_up_to:
@@ -803,16 +808,11 @@ def process_chunk(
     orientation = scatter([d.orientation for d in images], np.int64, 1)
     animated = scatter([d.animated for d in images], bool, False)
     passthrough = scatter([d.passthrough for d in images], bool, False)
-    thumbs = np.zeros((n, THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
     small = [i for i, a in enumerate(canonical) if a.shape == (THUMB_SIZE, THUMB_SIZE)]
-    if small:
+    if small:  # already thumbnail-sized: copied in one go (the others were made in the loop)
         thumbs[ok_index[small]] = np.stack([canonical[i] for i in small]) if len(small) > 1 else canonical[small[0]]
-    for i, array in enumerate(canonical):
-        if array.shape != (THUMB_SIZE, THUMB_SIZE):
-            gray = Image.fromarray(array, mode="L") if array.ndim == 2 else images[i].image.convert("L")
-            thumbs[ok_index[i]] = np.asarray(gray.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX))
     if state is not None:
-        state[2] = 0.0  # post-processing is bounded numpy work on decoded pixels
+        state[2] = 0.0  # what follows is bounded numpy work on the chunk's decoded pixels
     # Features of the whole chunk at once (stacked numpy), scattered to the decoded rows.
     features = pixel_features(canonical)
     for name, values in features.items():
@@ -870,8 +870,9 @@ def _unpack_pixels(packed: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]
 
 
 _THREADPOOLS: Any = None  # threadpoolctl controller, made once per process (~3 ms)
-# True while single_threaded_blas() holds BLAS at one thread, so a child forked then knows
-# its BLAS has no threads (spawned and forkserver children start with the default).
+# True while single_threaded_blas() holds BLAS at one thread (or it is pinned there), so a
+# child forked then knows its BLAS has no threads (spawned and forkserver children start
+# with the default).
 _FORKED_SINGLE_THREADED = False
 
 
@@ -936,16 +937,22 @@ def single_threaded_blas() -> Any:
     the whole pool's life, not toggled around each fork: every return to more threads
     makes OpenBLAS start fresh helper threads that spin for a while (measured: ~0.1 s of
     CPU per restore, taken from the workers on a small machine). The caller's setting is
-    restored when the outermost block ends.
+    restored when the outermost block ends, unless :func:`pin_single_threaded_blas` has
+    pinned it at one thread.
     """
     global _FORKED_SINGLE_THREADED, _SINGLE_THREADED_DEPTH
     controller = _threadpools()
     if controller is None or _SINGLE_THREADED_DEPTH or _BLAS_PINNED:
+        outermost = controller is not None and not _SINGLE_THREADED_DEPTH
         _SINGLE_THREADED_DEPTH += 1
+        if outermost:  # pinned at one thread already: nothing to set or restore
+            _FORKED_SINGLE_THREADED = True
         try:
             yield
         finally:
             _SINGLE_THREADED_DEPTH -= 1
+            if outermost:
+                _FORKED_SINGLE_THREADED = False
         return
     with controller.limit(limits=1, user_api="blas"):
         _SINGLE_THREADED_DEPTH += 1
@@ -1152,14 +1159,14 @@ def decode_pool(
         workers: worker processes; ``None`` means one per CPU core.
         keep_pixels_up_to: images whose canonical pixels take at most this many bytes and
             that are not already canonical PNGs are not encoded: their pixels come back in
-            the frame's ``pixels`` column (``canonical_sha`` is ``None``), so the caller
+            :attr:`DecodeOutput.pixels` (``canonical_sha`` is ``None``), so the caller
             encodes only the images it keeps (cleaning drops duplicates first).
         write_passthrough: place files that already are canonical PNGs in ``out_dir``
             (a hard link); ``False`` only reports their sha256 (the caller can use the
             raw file itself, which is content addressed too).
         meanwhile: called once in this process after the workers have started on their
             first tasks, for the caller's own preparation while they decode (an exception
-            from it stops the workers and propagates).
+            from it stops the workers and propagates); not called without items.
 
     Returns:
         The columns of every item in input order, hashes, thumbnails and pool statistics.
@@ -1171,7 +1178,9 @@ def decode_pool(
     """
     started = time.perf_counter()
     n_items = len(items)
-    n_workers = max(1, min(workers or os.cpu_count() or 1, max(n_items, 1)))
+    if not n_items:  # nothing to decode: no worker is started (``meanwhile`` is not called)
+        return _Results(0).finish()
+    n_workers = max(1, min(workers or os.cpu_count() or 1, n_items))
     stats = PoolStats(workers=n_workers)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     size = _chunk_size(n_items, n_workers, config.chunk_size)
@@ -1358,14 +1367,16 @@ def decode_pool(
     # overlaps the caller's own work instead of being waited for here.
     reaper = threading.Thread(target=_join_workers, args=(pool,), name="cvops-decode-reaper", daemon=True)
     reaper.start()
-    _REAPERS[:] = [thread for thread in _REAPERS if thread.is_alive()] + [reaper]
+    with _REAPERS_LOCK:
+        _REAPERS[:] = [thread for thread in _REAPERS if thread.is_alive()] + [reaper]
     output = results.finish()
     stats.seconds = time.perf_counter() - started
     output.stats = stats
     return output
 
 
-_REAPERS: list[threading.Thread] = []
+_REAPERS: list[threading.Thread] = []  # reaper threads of finished pools (pruned as they end)
+_REAPERS_LOCK = threading.Lock()
 
 
 def wait_for_exited_workers(timeout_s: float = 10.0) -> bool:
@@ -1375,12 +1386,13 @@ def wait_for_exited_workers(timeout_s: float = 10.0) -> bool:
     down would otherwise take CPU from the next pass. Returns ``False`` on timeout.
     """
     deadline = time.monotonic() + timeout_s
-    while _REAPERS:
-        _REAPERS[0].join(max(0.0, deadline - time.monotonic()))
-        if _REAPERS[0].is_alive():
-            return False
-        _REAPERS.pop(0)
-    return True
+    with _REAPERS_LOCK:
+        reapers = list(_REAPERS)
+    for reaper in reapers:
+        reaper.join(max(0.0, deadline - time.monotonic()))
+    with _REAPERS_LOCK:
+        _REAPERS[:] = [thread for thread in _REAPERS if thread.is_alive()]
+        return not any(thread in _REAPERS for thread in reapers)
 
 
 def _stop_workers(pool: list[_Worker]) -> None:
@@ -1488,31 +1500,26 @@ class DecodeOutput:
 
         Text columns come as object arrays (``None`` where missing), integer and the
         ``animated``/``passthrough`` columns as pandas nullable arrays (missing where the
-        item failed), the rest as numpy arrays.
+        item failed), the rest as numpy arrays. Without ``rows`` the text, float and
+        ``ok`` arrays are this output's own (not copies): do not modify them.
         """
-        ok = self.ok
-        if rows is not None:
-            have = rows >= 0
-            safe = np.where(have, rows, 0)
-            ok = ok[safe] & have
+
+        def take(values: np.ndarray, fill: Any) -> np.ndarray:
+            return values if rows is None else _take(values, rows, fill)
+
+        ok = take(self.ok, False)
+        if name == "ok":
+            return ok
         if name in self.objects:
-            values = self.objects[name] if rows is None else self.objects[name][safe]
-            if rows is not None:
-                values[~have] = None
-            return values
+            return take(self.objects[name], None)
         if name == "pixels":
-            values = self.pixels if rows is None else self.pixels[safe]
-            if rows is not None:
-                values[~have] = None
-            return values
-        values = self.numbers[name] if rows is None else self.numbers[name][safe]
+            return take(self.pixels, None)
+        if name in _FLOAT_COLUMNS:
+            return take(self.numbers[name], np.nan)
+        values = take(self.numbers[name], 0)
         if name in _INT_COLUMNS:
             return pd.arrays.IntegerArray(np.asarray(values, dtype=np.int64), ~ok)
-        if name in ("animated", "passthrough"):
-            return pd.arrays.BooleanArray(np.asarray(values, dtype=bool), ~ok)
-        if name in _FLOAT_COLUMNS and rows is not None:
-            values = np.where(have, values, np.nan)
-        return values if rows is None or name != "ok" else values & have
+        return pd.arrays.BooleanArray(np.asarray(values, dtype=bool), ~ok)
 
     def frame(self) -> pd.DataFrame:
         """All columns as one frame (input order)."""
@@ -1525,6 +1532,16 @@ class DecodeOutput:
                 columns[name] = self.column(name)
         columns["pixels"] = self.pixels
         return pd.DataFrame(columns, columns=[*_ALL_COLUMNS, "pixels"])
+
+
+def _take(values: np.ndarray, rows: np.ndarray, fill: Any) -> np.ndarray:
+    """``values[rows]`` with ``fill`` where a row is ``-1`` (``values`` may be empty)."""
+    have = rows >= 0
+    if not len(values):
+        return np.full(len(rows), fill, dtype=values.dtype)
+    out = values[np.where(have, rows, 0)]
+    out[~have] = fill
+    return out
 
 
 def default_scratch_dir() -> Path:

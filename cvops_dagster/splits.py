@@ -68,7 +68,10 @@ def assign_splits(
     salt = config.salt
     sha256 = hashlib.sha256
     heads = b"".join(
-        [sha256(f"{salt}\0{label}\0{sample_id}".encode()).digest()[:8] for sample_id, label in zip(sample_ids, labels, strict=True)]
+        [
+            sha256(f"{salt}\0{label}\0{sample_id}".encode()).digest()[:8]
+            for sample_id, label in zip(sample_ids, labels, strict=True)
+        ]
     )
     # uint64 -> float64 rounds to nearest like Python's int / float, and 2**64 is exact.
     units = np.frombuffer(heads, dtype=">u8").astype(np.float64) / 2.0**64

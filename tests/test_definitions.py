@@ -55,8 +55,11 @@ def _imported_modules(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -67,15 +70,17 @@ DOMAIN_MODULES = sorted(
 
 @pytest.mark.parametrize("path", DOMAIN_MODULES, ids=lambda p: p.name)
 def test_domain_library_never_imports_dagster_layer(path: Path) -> None:
-    forbidden = {"dagster", "dagster_aws", "assets", "resources", "sensors"}
+    forbidden = {"dagster", "dagster_aws", "assets", "resources", "sensors", "cvops_dagster.definitions"}
     assert not (_imported_modules(path) & forbidden), f"{path.name} imports the Dagster layer"
 
 
 def test_layering_check_sees_real_imports(tmp_path: Path) -> None:
     # The AST scan above must be able to fail.
     probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom dagster import asset\n")
-    assert "dagster" in _imported_modules(probe)
+    probe.write_text("import os\nfrom dagster import asset\nimport cvops_dagster.definitions\n")
+    assert {"dagster", "cvops_dagster.definitions"} <= _imported_modules(probe)
+    probe.write_text("from cvops_dagster import definitions\n")
+    assert "cvops_dagster.definitions" in _imported_modules(probe)
 
 
 def _modules_after(code: str) -> set[str]:

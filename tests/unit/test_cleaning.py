@@ -304,3 +304,32 @@ def test_records_without_an_image_key_are_quarantined_and_ordered_by_ingestion(s
         assert pd.isna(rows.loc[path, "width"])
     assert result.manifest["path"].tolist() == ["a/1.png", "a/2.png", "a/0.png"]
     check_accounting(result.manifest, manifest["record_id"])
+
+
+def test_no_record_with_an_image_key_quarantines_them_all(storage: ArtifactStorage) -> None:
+    files = [(f"a/{i}.png", "a", encode(_smooth(90 + i))) for i in range(2)]
+    manifest = raw_manifest(storage, "b", files)
+    manifest["image_key"] = None
+    result = clean_dataset(storage, manifest, workers=2)
+    assert result.counts == {
+        "input": 2, "clean": 0, "duplicates": 0, "quarantined": 2, "exact_duplicates": 0, "near_duplicates": 0
+    }
+    assert result.summary()["quarantine_reasons"] == {"missing_image": 2}
+    assert result.pool.workers == 0  # nothing to decode: no worker started
+
+
+def test_non_text_ids_are_written_as_text(storage: ArtifactStorage) -> None:
+    files = [(f"a/{i}.png", "a", encode(_smooth(95 + i))) for i in range(2)]
+    manifest = raw_manifest(storage, "b", files)
+    manifest["batch_id"] = 7
+    result = clean_dataset(storage, manifest, workers=1)
+    assert storage.read_parquet(result.manifest_key)["batch_id"].tolist() == ["7", "7"]
+    assert result.dataset_info["batches"] == ["7"]
+
+
+def test_accounting_needs_the_outcome_columns(storage: ArtifactStorage) -> None:
+    files = [("a/0.png", "a", encode(_smooth(99)))]
+    manifest = raw_manifest(storage, "b", files)
+    result = clean_dataset(storage, manifest, workers=1)
+    with pytest.raises(AccountingError, match="alias_of"):
+        check_accounting(result.manifest.drop(columns=["alias_of"]), manifest["record_id"])

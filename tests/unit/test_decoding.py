@@ -546,7 +546,7 @@ def test_workers_are_reaped_after_the_pool_returns(tmp_path) -> None:
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "decode workers left unreaped"
 
 
-def test_pinned_blas_stays_single_threaded_through_pools() -> None:
+def test_pinned_blas_stays_single_threaded_after_a_pool_block() -> None:
     from cvops_dagster import decoding as decoding_module
 
     controller = decoding_module._threadpools()
@@ -554,6 +554,16 @@ def test_pinned_blas_stays_single_threaded_through_pools() -> None:
         pytest.skip("threadpoolctl is not installed")
     decoding_module.pin_single_threaded_blas()
     with decoding_module.single_threaded_blas():  # a pool's block: nothing to restore after it
-        pass
+        assert decoding_module._FORKED_SINGLE_THREADED is True
+    assert decoding_module._FORKED_SINGLE_THREADED is False
     blas = [info for info in controller.info() if info["user_api"] == "blas"]
     assert blas and all(info["num_threads"] == 1 for info in blas)
+
+
+def test_read_file_keeps_reading_after_short_reads(tmp_path, monkeypatch) -> None:
+    data = bytes(range(256)) * 40
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 300)))  # a network file system
+    assert decoding._read_file(str(path)) == data

@@ -54,16 +54,22 @@ def test_version_is_order_independent_and_content_sensitive() -> None:
 
 @pytest.mark.parametrize(
     "config",
-    [SplitConfig(), SplitConfig(train=0.5, val=0.25, test=0.25, salt="other"), SplitConfig(train=1.0, val=0.0, test=0.0)],
+    [
+        SplitConfig(),
+        SplitConfig(train=0.5, val=0.25, test=0.25, salt="other"),
+        SplitConfig(train=1.0, val=0.0, test=0.0),
+    ],
 )
 def test_batch_assignment_equals_one_by_one(config: SplitConfig) -> None:
     ids = _ids(3000, "batch")
     labels = [str(i % 7) for i in range(3000)]
-    assert assign_splits(ids, labels, config) == [assign_split(i, lab, config) for i, lab in zip(ids, labels, strict=True)]
+    one_by_one = [assign_split(i, lab, config) for i, lab in zip(ids, labels, strict=True)]
+    assert assign_splits(ids, labels, config) == one_by_one
     assert assign_splits([], [], config) == []
 
 
 def test_version_is_the_documented_hash_of_the_sorted_rows() -> None:
     rows = [("b", "dög", "val", "canonical/2.png"), ("a", "cat", "train", "canonical/1.png")]
-    expected = hashlib.sha256("mode=L".encode() + "a\tcat\ttrain\tcanonical/1.png\nb\tdög\tval\tcanonical/2.png\n".encode())
+    text = "mode=L" + "a\tcat\ttrain\tcanonical/1.png\n" + "b\tdög\tval\tcanonical/2.png\n"
+    expected = hashlib.sha256(text.encode())
     assert dataset_version(rows, context="mode=L") == expected.hexdigest()[:16]
