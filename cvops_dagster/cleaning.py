@@ -578,17 +578,15 @@ def _clean_dataset(
         order = _ingestion_order(columns)
         prepared.update({name: values[order] for name, values in columns.items()})
         labelled = _present_values(prepared["label"])
+        label_texts = [str(v) for v in prepared["label"][labelled].tolist()]
+        label_column = np.full(n, None, dtype=object)
+        label_column[labelled] = np.array([*label_texts, ""], dtype=object)[:-1]  # ("": keep it 1-D)
         # The split of every labelled record (a function of its id and label); the clean
         # ones' are picked once duplicates are known.
         split_all = np.full(n, None, dtype=object)
         split_all[labelled] = assign_splits(
-            [str(s) for s in prepared["sample_id"][labelled].tolist()],
-            [str(v) for v in prepared["label"][labelled].tolist()],
-            config.splits,
+            [str(s) for s in prepared["sample_id"][labelled].tolist()], label_texts, config.splits
         )
-        label_column = np.full(n, None, dtype=object)
-        label_texts = [str(v) for v in prepared["label"][labelled].tolist()]
-        label_column[labelled] = np.array([*label_texts, ""], dtype=object)[:-1]  # ("": keep it 1-D)
         raw_keys = unsorted_keys[order]
         # The manifest's per-record columns as Arrow arrays, made now rather than after.
         arrow = {
@@ -635,7 +633,6 @@ def _clean_dataset(
             """One decode column per record (see DecodeOutput.column)."""
             return decoded.column(name, row_of)
 
-        labels = prepared["label"]
         labelled = prepared["labelled"]
         ok = pick("ok")
         outcome = np.full(n, "quarantined", dtype=object)
@@ -666,7 +663,7 @@ def _clean_dataset(
             config.near_duplicates,
         )
         sample_ids = prepared["sample_id"]
-        group_labels = np.array([str(v) for v in labels[eligible].tolist()] + [""], dtype=object)[:-1]
+        group_labels = prepared["label_column"][eligible]  # eligible records are labelled
         # A group conflicts when its (group, label) pairs are not all one pair.
         label_code: dict[str, int] = {}
         codes = np.fromiter(

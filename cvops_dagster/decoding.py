@@ -741,7 +741,6 @@ def process_chunk(
     # element assignment per field and file cost several microseconds a file).
     decoded_rows: list[tuple[int, DecodedImage, str, str | None, int]] = []
     thumbs = np.zeros((n, THUMB_SIZE, THUMB_SIZE), dtype=np.uint8)
-    canonical: list[np.ndarray] = []
     pixels: dict[int, np.ndarray] = {}
     level = config.png_compress_level
     for index, (key, path) in enumerate(items):
@@ -780,13 +779,13 @@ def process_chunk(
             columns["reason"][index], columns["reason_detail"][index] = _classify(exc)
             continue
         decoded_rows.append((index, decoded, digest, sha, len(data)))
-        canonical.append(array)
     ok_rows = [row[0] for row in decoded_rows]
     images = [row[1] for row in decoded_rows]
+    canonical = [d.pixels for d in images]
     for name, values in (
         ("format", [d.format for d in images]),
         ("mode", [d.mode for d in images]),
-        ("canonical_mode", ["L" if a.ndim == 2 else "RGB" for a in canonical]),
+        ("canonical_mode", [d.canonical_mode for d in images]),
         ("canonical_sha", [row[3] for row in decoded_rows]),
         ("pixel_hash", [row[2] for row in decoded_rows]),
     ):
