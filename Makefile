@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "from cvops_dagster.instance import ensure_dagster_home; ensure_dagster_home()"
+	$(PY) -c "from cvops_dagster.core.instance import ensure_dagster_home; ensure_dagster_home()"
 	touch $@
 
 install: $(VENV)/.installed

@@ -15,9 +15,9 @@ from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import json_value, table
-from cvops_dagster.cleaning import CleaningConfig, clean_dataset
-from cvops_dagster.ingestion import read_raw_manifests
-from cvops_dagster.validation import ValidationConfig, validate_dataset
+from cvops_dagster.datasets.cleaning import CleaningConfig, clean_dataset
+from cvops_dagster.ingestion.ingest import read_raw_manifests
+from cvops_dagster.datasets.validation import ValidationConfig, validate_dataset
 from resources.storage import ArtifactStore
 
 CHECK_EXPECTATIONS = "check_cleaned_dataset_expectations"

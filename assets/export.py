@@ -30,8 +30,8 @@ CHECK_PARITY = "check_onnx_runtime_parity"
 )
 def onnx_runtime(context: AssetExecutionContext, artifact_store: ArtifactStore) -> MaterializeResult:
     # torch, ONNX and ONNX Runtime load in this step only (see assets/training.py).
-    from cvops_dagster.promotion import current_champion
-    from cvops_dagster.serving import build_runtimes
+    from cvops_dagster.registry.promotion import current_champion
+    from cvops_dagster.serving.build import build_runtimes
 
     champion = current_champion(artifact_store.storage)
     if champion is None:

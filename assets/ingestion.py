@@ -12,7 +12,7 @@ from dagster import (
 
 from assets.metadata import json_value, table
 from assets.partitions import image_batches
-from cvops_dagster.ingestion import ingest_batch
+from cvops_dagster.ingestion.ingest import ingest_batch
 from resources.storage import ArtifactStore, ImageSource
 
 

@@ -48,7 +48,7 @@ class HpoStudyConfig(Config):
 def hpo_study(
     context: AssetExecutionContext, config: HpoStudyConfig, artifact_store: ArtifactStore, optuna_storage: OptunaStorage
 ) -> MaterializeResult:
-    from cvops_dagster.tuning import StudyConfig, run_study  # torch and Optuna: see the module docstring
+    from cvops_dagster.training.tuning import StudyConfig, run_study  # torch and Optuna: see the module docstring
 
     version = latest_figure(context, "cleaned_dataset", "version")
     if config.skip:
@@ -113,7 +113,7 @@ class TrainedModelConfig(Config):
 def trained_model(
     context: AssetExecutionContext, config: TrainedModelConfig, artifact_store: ArtifactStore
 ) -> MaterializeResult:
-    from cvops_dagster.training import TrainConfig, train_model
+    from cvops_dagster.training.train import TrainConfig, train_model
 
     version = latest_figure(context, "cleaned_dataset", "version")
     params = latest_figure(context, "hpo_study", "best_params")
@@ -177,7 +177,7 @@ class ProductionModelConfig(Config):
 def production_model(
     context: AssetExecutionContext, config: ProductionModelConfig, artifact_store: ArtifactStore
 ) -> MaterializeResult:
-    from cvops_dagster.promotion import PromotionConfig, current_champion, promote_if_better, promotion_history
+    from cvops_dagster.registry.promotion import PromotionConfig, current_champion, promote_if_better, promotion_history
 
     challenger = latest_figure(context, "trained_model", "model_id")
     version = latest_figure(context, "trained_model", "dataset_version")

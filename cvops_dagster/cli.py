@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from cvops_dagster import settings
-from cvops_dagster.instance import ensure_dagster_home
+from cvops_dagster.core import settings
+from cvops_dagster.core.instance import ensure_dagster_home
 
 logger = logging.getLogger("cvops")
 
@@ -51,7 +51,7 @@ def _load() -> tuple[Any, Any]:
 
 
 def _landing():  # noqa: ANN202 - LandingZone, imported lazily
-    from cvops_dagster.landing import LandingZone
+    from cvops_dagster.ingestion.landing import LandingZone
 
     return LandingZone(settings.normalize_root(settings.landing_root()), settings.s3_endpoint_url())
 
@@ -60,7 +60,7 @@ def _landing():  # noqa: ANN202 - LandingZone, imported lazily
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from cvops_dagster.sample_data import seed_landing
+    from cvops_dagster.ingestion.sample_data import seed_landing
 
     root = settings.normalize_root(settings.landing_root())
     counts = seed_landing(root, settings.s3_endpoint_url())
@@ -342,7 +342,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _storage():  # noqa: ANN202 - ArtifactStorage, imported lazily
-    from cvops_dagster.storage import ArtifactStorage
+    from cvops_dagster.core.storage import ArtifactStorage
 
     return ArtifactStorage(settings.normalize_root(settings.artifact_root()), endpoint_url=settings.s3_endpoint_url())
 
@@ -353,22 +353,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # The code location first: the timed process is then the size of the Dagster step
         # that cleans (forking the decode workers costs more from a larger process).
         import cvops_dagster.definitions  # noqa: F401
-        from cvops_dagster.cleaning_bench import run_cleaning_benchmark
+        from cvops_dagster.bench.cleaning import run_cleaning_benchmark
 
         figures = run_cleaning_benchmark(scale=args.scale, repeats=args.repeats)
     elif args.name == "training":
-        from cvops_dagster.training_bench import run_training_benchmark
+        from cvops_dagster.bench.training import run_training_benchmark
 
         figures = run_training_benchmark()
     else:
-        from cvops_dagster.serving import benchmark_production_runtime
+        from cvops_dagster.serving.build import benchmark_production_runtime
 
         try:
             figures = benchmark_production_runtime(_storage())
         except FileNotFoundError as exc:
             if not args.allow_synthetic:
                 raise CvopsError(f"{exc}; or pass --allow-synthetic to time a generated model of the default architecture") from exc
-            from cvops_dagster.runtime_bench import run_default_runtime_benchmark
+            from cvops_dagster.bench.runtime import run_default_runtime_benchmark
 
             figures = {"model_id": None, **run_default_runtime_benchmark()}
     if args.json:
@@ -380,8 +380,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cvops_dagster.runtime import ImageLoadError, RuntimeModelError, predict_paths
-    from cvops_dagster.serving import local_copy, production_runtime
+    from cvops_dagster.serving.predictor import ImageLoadError, RuntimeModelError, predict_paths
+    from cvops_dagster.serving.build import local_copy, production_runtime
 
     storage = _storage()
     try:
@@ -402,7 +402,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from cvops_dagster.promotion import rollback
+    from cvops_dagster.registry.promotion import rollback
 
     instance, _ = _load()
     from dagster import AssetMaterialization

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, define_asset_job, load_asset_checks_from_modules, load_assets_from_modules
 
-from cvops_dagster.settings import disable_telemetry
+from cvops_dagster.core.settings import disable_telemetry
 
 disable_telemetry()
 

@@ -13,9 +13,9 @@ from typing import Any
 from dagster import ConfigurableResource, EnvVar
 from pydantic import PrivateAttr
 
-from cvops_dagster import settings
-from cvops_dagster.landing import LandingZone
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.core import settings
+from cvops_dagster.ingestion.landing import LandingZone
+from cvops_dagster.core.storage import ArtifactStorage
 
 
 def _env_or_default(name: str, default: str | None) -> Any:

@@ -77,8 +77,8 @@ def test_demo_meets_the_quality_bar_and_predict_matches(tmp_path: Path) -> None:
     """`cvops demo` on the bundled digits with the default budget, then `cvops predict`."""
     import pandas as pd
 
-    from cvops_dagster.runtime import Predictor
-    from cvops_dagster.storage import ArtifactStorage
+    from cvops_dagster.serving.predictor import Predictor
+    from cvops_dagster.core.storage import ArtifactStorage
 
     out = cvops("demo", cwd=tmp_path)
     assert "UI:" in out.stdout and "artifacts:" in out.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -43,46 +42,6 @@ def test_expected_assets_checks_and_sensors() -> None:
     assert graph.get(AssetKey("raw_images")).partitions_def.name == "image_batches"
 
 
-@pytest.mark.parametrize("package", ["assets", "resources", "sensors", "cvops_dagster"])
-def test_top_level_packages_resolve_to_this_repository(package: str) -> None:
-    module = __import__(package)
-    assert Path(module.__file__).resolve().parent == REPO / package
-
-
-def _imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
-DOMAIN_MODULES = sorted(
-    p for p in (REPO / "cvops_dagster").rglob("*.py") if p.stem not in {"definitions", "cli"}
-)
-
-
-@pytest.mark.parametrize("path", DOMAIN_MODULES, ids=lambda p: p.name)
-def test_domain_library_never_imports_dagster_layer(path: Path) -> None:
-    forbidden = {"dagster", "dagster_aws", "assets", "resources", "sensors", "cvops_dagster.definitions"}
-    assert not (_imported_modules(path) & forbidden), f"{path.name} imports the Dagster layer"
-
-
-def test_layering_check_sees_real_imports(tmp_path: Path) -> None:
-    # The AST scan above must be able to fail.
-    probe = tmp_path / "probe.py"
-    probe.write_text("import os\nfrom dagster import asset\nimport cvops_dagster.definitions\n")
-    assert {"dagster", "cvops_dagster.definitions"} <= _imported_modules(probe)
-    probe.write_text("from cvops_dagster import definitions\n")
-    assert "cvops_dagster.definitions" in _imported_modules(probe)
-
-
 def _modules_after(code: str) -> set[str]:
     import subprocess
     import sys
@@ -90,14 +49,6 @@ def _modules_after(code: str) -> set[str]:
     probe = f"{code}\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if '.' not in m)))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     return set(result.stdout.split())
-
-
-def test_code_location_loads_without_the_training_stack() -> None:
-    # Every Dagster step process loads the code location; the cleaning step forks its decode
-    # workers from it. torch, Lightning, Optuna and ONNX load only in the steps using them.
-    loaded = _modules_after("import cvops_dagster.definitions")
-    assert "dagster" in loaded
-    assert not loaded & {"torch", "lightning", "optuna", "onnx", "onnxruntime", "sklearn"}
 
 
 def test_quieting_the_cli_for_a_cleaning_benchmark_loads_no_torch() -> None:

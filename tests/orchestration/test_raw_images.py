@@ -12,8 +12,8 @@ from dagster import DagsterInstance, instance_for_test, materialize
 from PIL import Image
 
 from assets.ingestion import raw_images
-from cvops_dagster.ingestion import raw_manifest_key
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.ingestion.ingest import raw_manifest_key
+from cvops_dagster.core.storage import ArtifactStorage
 from resources.storage import ArtifactStore, ImageSource
 
 
@@ -112,7 +112,7 @@ def test_rematerializing_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_unreadable_file_is_rejected_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cvops_dagster.landing import LandingZone
+    from cvops_dagster.ingestion.landing import LandingZone
 
     landing, artifacts = tmp_path / "landing", tmp_path / "artifacts"
     make_hostile_batch(landing)

@@ -11,9 +11,9 @@ from dagster import instance_for_test, materialize
 from PIL import Image
 
 from assets.ingestion import raw_images
-from cvops_dagster.ingestion import raw_manifest_key
-from cvops_dagster.landing import LandingZone
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.ingestion.ingest import raw_manifest_key
+from cvops_dagster.ingestion.landing import LandingZone
+from cvops_dagster.core.storage import ArtifactStorage
 from resources.storage import ArtifactStore, ImageSource
 from tests.s3server import s3_server
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvops_dagster.export import export_onnx
-from cvops_dagster.models import build_classifier
-from cvops_dagster.preprocessing import InputSpec, preprocess
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.serving.export import export_onnx
+from cvops_dagster.training.models import build_classifier
+from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
+from cvops_dagster.core.storage import ArtifactStorage
 
 LABELS = ["blob", "horizontal", "vertical"]
 SPEC = InputSpec(height=16, width=16, channels=1, mean=(0.45,), std=(0.3,))

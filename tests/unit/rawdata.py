@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cvops_dagster.ingestion import MANIFEST_COLUMNS
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.ingestion.ingest import MANIFEST_COLUMNS
+from cvops_dagster.core.storage import ArtifactStorage
 
 RAW_COLUMNS = list(MANIFEST_COLUMNS)  # the raw-manifest contract, from ingestion itself
 
@@ -63,7 +63,7 @@ def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
 
 def digit_images(count: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """The bundled sample data's digits (sklearn, no download): 32x32 uint8 arrays, labels."""
-    from cvops_dagster.sample_data import digit_images as sample_digits
+    from cvops_dagster.ingestion.sample_data import digit_images as sample_digits
 
     images, labels = sample_digits()
     if count is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cvops_dagster.storage import ArtifactStorage
-from cvops_dagster.synthetic_data import digits_images, write_cleaned_dataset
+from cvops_dagster.core.storage import ArtifactStorage
+from tests.synthetic_data import digits_images, write_cleaned_dataset
 
 SHAPES = ("hbar", "vbar", "circle", "cross", "square", "triangle")
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cvops_dagster.cleaning import AccountingError, CleaningConfig, check_accounting, clean_dataset
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.datasets.cleaning import AccountingError, CleaningConfig, check_accounting, clean_dataset
+from cvops_dagster.core.storage import ArtifactStorage
 
 from tests.unit.rawdata import digit_images, encode, raw_manifest, textured
 
@@ -251,7 +251,7 @@ KEY_CASES = [
 @pytest.mark.parametrize("key", KEY_CASES)
 def test_bulk_key_check_agrees_with_the_storage_rule(storage: ArtifactStorage, key: str) -> None:
     """The all-keys-at-once check rejects exactly the keys ArtifactStorage rejects."""
-    from cvops_dagster.cleaning import _first_invalid_key
+    from cvops_dagster.datasets.cleaning import _first_invalid_key
 
     try:
         storage.local_path(key)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cvops_dagster.cleaning_bench import build_sample_files, run_cleaning_benchmark
+from cvops_dagster.bench.cleaning import build_sample_files, run_cleaning_benchmark
 
 from tests.unit.rawdata import textured
 

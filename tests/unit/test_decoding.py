@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cvops_dagster import decoding
-from cvops_dagster.decoding import DecodeConfig, DecodeFailure, decode_image, decode_pool, sniff_format
+from cvops_dagster.imaging import decoding
+from cvops_dagster.imaging.decoding import DecodeConfig, DecodeFailure, decode_image, decode_pool, sniff_format
+from cvops_dagster.imaging.hashes import pixel_hash
 
 from tests.unit.rawdata import encode, textured
 
@@ -362,7 +363,7 @@ def test_pool_can_return_pixels_instead_of_encoding(tmp_path) -> None:
 
 def _report_threads(conn: Any) -> None:
     """Child: the worker's numerics set-up and one matrix product, then its thread count."""
-    from cvops_dagster import decoding as decoding_module
+    from cvops_dagster.imaging import decoding as decoding_module
 
     decoding_module._single_threaded_numerics()
     _ = np.ones((64, 64), dtype=np.float32) @ np.ones((64, 64), dtype=np.float32)
@@ -379,7 +380,7 @@ def test_forked_worker_starts_without_blas_threads(matmul_in_parent: bool) -> No
     numerics set-up and a matrix product (spinning BLAS threads slowed first chunks)."""
     import multiprocessing
 
-    from cvops_dagster import decoding as decoding_module
+    from cvops_dagster.imaging import decoding as decoding_module
 
     if matmul_in_parent:  # BLAS threads already running in the parent
         _ = np.ones((256, 256)) @ np.ones((256, 256))
@@ -453,12 +454,12 @@ def test_fast_paths_match_pillow_and_the_mode_rule(case: str) -> None:
 def _faults_for_temporaries(conn: Any, tuned: bool) -> None:
     import resource
 
-    from cvops_dagster import decoding as decoding_module
+    from cvops_dagster.imaging import decoding as decoding_module
 
     if tuned:
         decoding_module._keep_freed_memory()
-    from cvops_dagster.duplicates import perceptual_hashes
-    from cvops_dagster.features import pixel_features
+    from cvops_dagster.imaging.hashes import perceptual_hashes
+    from cvops_dagster.imaging.features import pixel_features
 
     arrays = list(np.random.default_rng(0).integers(0, 256, (256, 32, 32), dtype=np.uint8))
     stack = np.stack(arrays)
@@ -513,12 +514,12 @@ def test_pixel_hash_is_the_documented_digest(shape: tuple[int, ...]) -> None:
     mode = "L" if len(shape) == 2 else "RGB"
     reference = hashlib.blake2b(f"{mode}:{shape[1]}x{shape[0]}:".encode(), digest_size=16)
     reference.update(array.tobytes())
-    assert decoding.pixel_hash(array) == reference.hexdigest()
-    assert decoding.pixel_hash(Image.fromarray(array)) == reference.hexdigest()
+    assert pixel_hash(array) == reference.hexdigest()
+    assert pixel_hash(Image.fromarray(array)) == reference.hexdigest()
     # A non-contiguous view of the same pixels hashes alike; twice in a row too (cached header).
     wide = np.zeros((shape[0], shape[1] * 2, *shape[2:]), dtype=np.uint8)
     wide[:, ::2] = array
-    assert decoding.pixel_hash(wide[:, ::2]) == decoding.pixel_hash(array) == reference.hexdigest()
+    assert pixel_hash(wide[:, ::2]) == pixel_hash(array) == reference.hexdigest()
 
 
 def _children() -> set[int]:
@@ -547,7 +548,7 @@ def test_workers_are_reaped_after_the_pool_returns(tmp_path) -> None:
 
 
 def test_pinned_blas_stays_single_threaded_after_a_pool_block() -> None:
-    from cvops_dagster import decoding as decoding_module
+    from cvops_dagster.imaging import decoding as decoding_module
 
     controller = decoding_module._threadpools()
     if controller is None:

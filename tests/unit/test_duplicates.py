@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvops_dagster.decoding import decode_image, pixel_hash
-from cvops_dagster.duplicates import NearDuplicateConfig, find_duplicates, perceptual_hashes
+from cvops_dagster.imaging.decoding import decode_image
+from cvops_dagster.imaging.hashes import perceptual_hashes, pixel_hash
+from cvops_dagster.datasets.duplicates import NearDuplicateConfig, find_duplicates
 
 from tests.unit.rawdata import digit_images, encode
 
@@ -98,7 +99,7 @@ def test_hash_has_64_bits_and_is_stable() -> None:
 
 @pytest.mark.parametrize(("seed", "threshold"), [(0, 0), (1, 3), (2, 6), (3, 8), (4, 12), (5, 6)])
 def test_candidate_pairs_equal_the_exhaustive_comparison(seed: int, threshold: int) -> None:
-    from cvops_dagster.duplicates import _candidate_pairs
+    from cvops_dagster.datasets.duplicates import _candidate_pairs
 
     rng = np.random.default_rng(seed)
     centres = rng.integers(0, 2**63, 40, dtype=np.uint64) * np.uint64(2) + np.uint64(seed % 2)
@@ -118,7 +119,7 @@ def test_candidate_pairs_equal_the_exhaustive_comparison(seed: int, threshold: i
 def test_candidate_pairs_with_repeated_hashes_equal_the_exhaustive_comparison(distinct: int, threshold: int) -> None:
     """Many images sharing one hash value (re-encodes): every pair among them and with
     their close neighbours is found exactly once."""
-    from cvops_dagster.duplicates import _candidate_pairs
+    from cvops_dagster.datasets.duplicates import _candidate_pairs
 
     rng = np.random.default_rng(distinct)
     values = rng.integers(0, 2**63, distinct, dtype=np.uint64) & np.uint64(0xFF0000FF0000FFFF)

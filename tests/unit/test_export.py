@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
-from cvops_dagster import export as export_mod
-from cvops_dagster.export import check_parity, export_onnx, runtime_key
-from cvops_dagster.models import build_classifier
-from cvops_dagster.preprocessing import InputSpec
-from cvops_dagster.runtime import META_INTEGRITY, Predictor, integrity_digest
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.serving import export as export_mod
+from cvops_dagster.serving.export import check_parity, export_onnx, runtime_key
+from cvops_dagster.training.models import build_classifier
+from cvops_dagster.imaging.preprocessing import InputSpec
+from cvops_dagster.serving.predictor import META_INTEGRITY, Predictor, integrity_digest
+from cvops_dagster.core.storage import ArtifactStorage
 from tests.unit.onnx_testkit import LABELS, SPEC, trained_case
 
 

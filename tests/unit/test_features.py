@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvops_dagster.features import FEATURE_COLUMNS, compute_features
+from cvops_dagster.imaging.features import FEATURE_COLUMNS, compute_features
 
 
 @pytest.mark.parametrize("value", [0, 17, 128, 255])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cvops_dagster import landing as L
-from cvops_dagster.landing import LandingZone, classify, safe_relative_parts
+from cvops_dagster.ingestion import landing as L
+from cvops_dagster.ingestion.landing import LandingZone, classify, safe_relative_parts
 
 
 @pytest.mark.parametrize(

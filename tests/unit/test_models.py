@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cvops_dagster.augmentation import AugmentConfig, augment, color_jitter, random_affine, random_crop
-from cvops_dagster.models import build_classifier, full_arch
-from cvops_dagster.preprocessing import InputSpec, channel_stats, preprocess, to_uint8
-from cvops_dagster.storage import ArtifactStorage
-from cvops_dagster.training_data import ImageDataModule, load_dataset
-from cvops_dagster.training_system import arch_from_params, resolve_params
+from cvops_dagster.training.augmentation import AugmentConfig, augment, color_jitter, random_affine, random_crop
+from cvops_dagster.training.models import build_classifier, full_arch
+from cvops_dagster.imaging.preprocessing import InputSpec, channel_stats, preprocess, to_uint8
+from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.datasets.loading import load_dataset
+from cvops_dagster.training.datamodule import ImageDataModule
+from cvops_dagster.training.system import arch_from_params, resolve_params
 from tests.unit.synthetic_datasets import shapes_dataset
 
 
@@ -57,7 +58,7 @@ def test_preprocessing_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, cvops_dagster.preprocessing; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, cvops_dagster.imaging.preprocessing; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

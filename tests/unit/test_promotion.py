@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvops_dagster.model_store import load_model, save_model
-from cvops_dagster.models import build_classifier
-from cvops_dagster.preprocessing import InputSpec
-from cvops_dagster.promotion import (
+from cvops_dagster.registry.model_store import load_model, save_model
+from cvops_dagster.training.models import build_classifier
+from cvops_dagster.imaging.preprocessing import InputSpec
+from cvops_dagster.registry.promotion import (
     PromotionConfig,
     current_champion,
     decide,
@@ -20,9 +20,9 @@ from cvops_dagster.promotion import (
     promotion_history,
     rollback,
 )
-from cvops_dagster.storage import ArtifactStorage
-from cvops_dagster.training import TrainConfig, train_model
-from cvops_dagster.training_data import load_dataset
+from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.training.train import TrainConfig, train_model
+from cvops_dagster.datasets.loading import load_dataset
 from tests.unit.synthetic_datasets import shapes_dataset
 
 

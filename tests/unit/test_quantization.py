@@ -9,15 +9,15 @@ import numpy as np
 import onnx
 import pytest
 
-from cvops_dagster.preprocessing import preprocess
-from cvops_dagster.quantization import (
+from cvops_dagster.imaging.preprocessing import preprocess
+from cvops_dagster.serving.quantization import (
     PreprocessedImageReader,
     build_int8_runtime,
     int8_gate,
     quantize_model_int8,
 )
-from cvops_dagster.runtime import Predictor
-from cvops_dagster.storage import ArtifactStorage
+from cvops_dagster.serving.predictor import Predictor
+from cvops_dagster.core.storage import ArtifactStorage
 from tests.unit.onnx_testkit import LABELS, SPEC, exported_bytes, trained_case
 
 

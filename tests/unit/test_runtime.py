@@ -14,8 +14,8 @@ import onnx
 import pytest
 from PIL import Image
 
-from cvops_dagster.preprocessing import preprocess
-from cvops_dagster.runtime import (
+from cvops_dagster.imaging.preprocessing import preprocess
+from cvops_dagster.serving.predictor import (
     ImageLoadError,
     Predictor,
     RuntimeMetadata,
@@ -26,7 +26,7 @@ from cvops_dagster.runtime import (
     softmax,
     stamp_runtime_model,
 )
-from cvops_dagster.runtime_bench import run_runtime_benchmark
+from cvops_dagster.bench.runtime import run_runtime_benchmark
 from tests.unit.onnx_testkit import LABELS, SPEC, exported_bytes, torch_outputs, trained_case
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def test_fresh_process_predicts_from_the_onnx_file_alone_without_torch(tmp_path,
     script = textwrap.dedent(
         """
         import json, sys
-        from cvops_dagster.runtime import Predictor
+        from cvops_dagster.serving.predictor import Predictor
         predictor = Predictor(sys.argv[1], intra_op_num_threads=1)
         result = predictor.predict(sys.argv[2:])
         assert "torch" not in sys.modules, "runtime imported torch"
@@ -84,7 +84,7 @@ def test_fresh_process_predicts_from_the_onnx_file_alone_without_torch(tmp_path,
 
 def test_plain_import_does_not_load_torch():
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys, cvops_dagster.runtime; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"],
+        [sys.executable, "-c", "import sys, cvops_dagster.serving.predictor; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -278,8 +278,8 @@ def test_in_memory_alpha_images_match_the_cleaning_decoder(mode: str) -> None:
     """Transparent pixels land on the decoder's background, as in the canonical training images."""
     import io
 
-    from cvops_dagster.decoding import decode_image
-    from cvops_dagster.preprocessing import InputSpec, to_uint8
+    from cvops_dagster.imaging.decoding import decode_image
+    from cvops_dagster.imaging.preprocessing import InputSpec, to_uint8
 
     image = Image.new(mode, (6, 6))  # fully transparent
     spec = InputSpec(6, 6, 1, (0.0,), (1.0,))

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from cvops_dagster.splits import SplitConfig, assign_split, assign_splits, dataset_version
+from cvops_dagster.datasets.splits import SplitConfig, assign_split, assign_splits, dataset_version
 
 
 def _ids(n: int, salt: str = "") -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cvops_dagster.storage import ArtifactStorage, sha256_bytes
+from cvops_dagster.core.storage import ArtifactStorage, sha256_bytes
 
 
 @pytest.fixture

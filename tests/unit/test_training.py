@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cvops_dagster.augmentation import AugmentConfig
-from cvops_dagster.checkpoints import CheckpointIntegrityError, HashedCheckpointIO, load_verified, sidecar_path
-from cvops_dagster.model_store import ModelIntegrityError, load_model, model_keys
-from cvops_dagster.preprocessing import InputSpec, preprocess
-from cvops_dagster.storage import ArtifactStorage
-from cvops_dagster.training import TrainConfig, train_model
-from cvops_dagster.training_data import load_dataset
+from cvops_dagster.training.augmentation import AugmentConfig
+from cvops_dagster.training.checkpoints import CheckpointIntegrityError, HashedCheckpointIO, load_verified, sidecar_path
+from cvops_dagster.registry.model_store import ModelIntegrityError, load_model, model_keys
+from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
+from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.training.train import TrainConfig, train_model
+from cvops_dagster.datasets.loading import load_dataset
 from tests.unit.synthetic_datasets import shapes_dataset
 
 TINY = {"width": 8, "batch_size": 16, "lr": 0.01}
@@ -190,7 +190,7 @@ def test_twenty_classes_train_with_the_same_code(tmp_path: Path) -> None:
     """Labels, outputs and input spec follow the data: 20 classes (digits and their negatives)."""
     from PIL import ImageOps
 
-    from cvops_dagster.synthetic_data import digits_images, write_cleaned_dataset
+    from tests.synthetic_data import digits_images, write_cleaned_dataset
 
     digits, labels = digits_images(size=16)
     images, names = [], []

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cvops_dagster.storage import ArtifactStorage
-from cvops_dagster.training_bench import run_training_benchmark
+from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.bench.training import run_training_benchmark
 from tests.unit.synthetic_datasets import shapes_dataset
 
 

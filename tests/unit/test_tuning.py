@@ -8,8 +8,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from cvops_dagster.storage import ArtifactStorage
-from cvops_dagster.tuning import StudyConfig, default_storage_url, make_pruner, open_storage, run_study
+from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.training.tuning import StudyConfig, default_storage_url, make_pruner, open_storage, run_study
 from tests.unit.synthetic_datasets import shapes_dataset
 
 SPACE = {"lr": ("float", 1e-3, 2e-2, True), "dropout": ("float", 0.0, 0.3)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from cvops_dagster.validation import ValidationConfig, class_table, validate_dataset
+from cvops_dagster.datasets.validation import ValidationConfig, class_table, validate_dataset
 
 
 def _manifest(per_class: dict[str, int]) -> pd.DataFrame:

@@ -1,0 +1,2 @@
+"""Datasets: raw batches to one cleaned, deduplicated, split, versioned and validated dataset, and
+loading a dataset version back into memory."""

@@ -1,0 +1,168 @@
+"""Batch ingestion: copy a landing-zone batch into content-addressed storage with a manifest.
+
+Ingestion never decodes an image (that is cleaning's job); it only makes every file of a batch
+durable under ``images/<sha256>.<ext>`` and records what happened to each entry, so that the
+batch can be deleted from the landing zone without losing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from cvops_dagster.core.contracts import IMAGES_PREFIX
+from cvops_dagster.ingestion.landing import REJECT_UNREADABLE, LandingZone
+from cvops_dagster.core.storage import ArtifactStorage
+
+logger = logging.getLogger(__name__)
+
+RAW_MANIFEST_PREFIX = "manifests/raw"
+STATUS_INGESTED = "ingested"
+STATUS_REJECTED = "rejected"
+
+MANIFEST_COLUMNS = [
+    "record_id",
+    "batch_id",
+    "path",
+    "label",
+    "status",
+    "reason",
+    "sample_id",
+    "image_key",
+    "ext",
+    "size_bytes",
+    "ingested_at",
+]
+
+_EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
+
+
+def raw_manifest_key(batch_id: str) -> str:
+    return f"{RAW_MANIFEST_PREFIX}/{batch_id}.parquet"
+
+
+def safe_extension(path: str) -> str:
+    """The lower-case extension if it is short and plain, else ``bin``: keys stay predictable."""
+    name = path.rsplit("/", 1)[-1]
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return ext if _EXT_RE.match(ext) else "bin"
+
+
+@dataclass
+class IngestResult:
+    """What one batch ingestion produced."""
+
+    batch_id: str
+    manifest_key: str
+    manifest: pd.DataFrame
+    bytes_ingested: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def files(self) -> int:
+        return int((self.manifest["status"] == STATUS_INGESTED).sum())
+
+    @property
+    def rejected(self) -> int:
+        return int((self.manifest["status"] == STATUS_REJECTED).sum())
+
+    def label_counts(self) -> dict[str, int]:
+        ok = self.manifest[self.manifest["status"] == STATUS_INGESTED]
+        return {str(k): int(v) for k, v in sorted(Counter(ok["label"]).items())}
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "batch_id": self.batch_id,
+            "files": self.files,
+            "bytes": self.bytes_ingested,
+            "rejected": self.rejected,
+            "rejected_reasons": dict(sorted(self.rejected_reasons.items())),
+            "labels": self.label_counts(),
+            "manifest": self.manifest_key,
+        }
+
+
+def _previous_times(storage: ArtifactStorage, key: str) -> dict[tuple[str, str | None], str]:
+    """Ingestion times of a batch's earlier manifest, so a re-run rewrites identical rows."""
+    if not storage.exists(key):
+        return {}
+    try:
+        old = storage.read_parquet(key)
+    except Exception:  # noqa: BLE001 - a corrupt old manifest is simply replaced
+        logger.warning("previous manifest %s unreadable; rewriting", key)
+        return {}
+    return {
+        (r.record_id, r.sample_id if isinstance(r.sample_id, str) else None): r.ingested_at
+        for r in old.itertuples()
+    }
+
+
+def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) -> IngestResult:
+    """Copy one complete batch into ``images/`` and write ``manifests/raw/<batch_id>.parquet``.
+
+    Idempotent: files are content-addressed, and a re-run keeps the ingestion time of every
+    record it already knew, so the manifest comes out byte-for-byte the same.
+    """
+    key = raw_manifest_key(batch_id)
+    previous = _previous_times(storage, key)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    rows: list[dict[str, object]] = []
+    total_bytes = 0
+    for entry in landing.list_entries(batch_id):
+        row: dict[str, object] = {
+            "record_id": f"{batch_id}/{entry.path}",
+            "batch_id": batch_id,
+            "path": entry.path,
+            "label": entry.label,
+            "status": STATUS_REJECTED,
+            "reason": entry.reason,
+            "sample_id": None,
+            "image_key": None,
+            "ext": None,
+            "size_bytes": entry.size,
+        }
+        if entry.accepted:
+            try:
+                data = landing.read_bytes(batch_id, entry.path)
+            except OSError as exc:
+                logger.warning("unreadable %s/%s: %s", batch_id, entry.path, exc)
+                row["reason"] = REJECT_UNREADABLE
+            else:
+                ext = safe_extension(entry.path)
+                sample_id, image_key = storage.write_content_addressed(IMAGES_PREFIX, data, ext)
+                row.update(
+                    status=STATUS_INGESTED,
+                    reason=None,
+                    sample_id=sample_id,
+                    image_key=image_key,
+                    ext=ext,
+                    size_bytes=len(data),
+                )
+                total_bytes += len(data)
+        row["ingested_at"] = previous.get((str(row["record_id"]), row["sample_id"]), now)  # type: ignore[arg-type]
+        rows.append(row)
+
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest["size_bytes"] = manifest["size_bytes"].astype("Int64")
+    storage.write_parquet(key, manifest)
+    reasons = Counter(str(r) for r in manifest.loc[manifest["status"] == STATUS_REJECTED, "reason"])
+    result = IngestResult(batch_id, key, manifest, total_bytes, dict(reasons))
+    logger.info("ingested batch %s: %d files, %d rejected", batch_id, result.files, result.rejected)
+    return result
+
+
+def read_raw_manifests(storage: ArtifactStorage, batch_ids: list[str] | None = None) -> pd.DataFrame:
+    """All batch manifests (or the named ones) as one frame, in batch order."""
+    keys = [k for k in storage.list(RAW_MANIFEST_PREFIX) if k.endswith(".parquet")]
+    if batch_ids is not None:
+        wanted = {raw_manifest_key(b) for b in batch_ids}
+        keys = [k for k in keys if k in wanted]
+    frames = [storage.read_parquet(k) for k in sorted(keys)]
+    if not frames:
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,245 @@
+"""The landing zone: where labelled image batches arrive, as folders or S3 prefixes.
+
+A batch is ``<root>/<batch_id>/<label>/<file>`` and is complete once ``_READY`` exists in it.
+Production (unlabelled) batches live under ``<root>/production/<batch_id>/``. Listing a batch
+never follows symlinks and never trusts a name: every entry is classified as accepted or
+rejected with a reason, so the caller can account for every file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import stat
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from cvops_dagster.core.storage import open_filesystem, split_protocol
+
+logger = logging.getLogger(__name__)
+
+READY_MARKER = "_READY"
+PRODUCTION_DIR = "production"
+
+# Rejection reasons, stable strings that show in manifests, metadata and `cvops status`.
+REJECT_SYMLINK = "symlink"
+REJECT_NOT_REGULAR = "not_a_regular_file"
+REJECT_ESCAPES = "path_escapes_batch"
+REJECT_EMPTY_FILE = "empty_file"
+REJECT_HIDDEN = "hidden"
+REJECT_EMPTY_LABEL = "empty_label_folder"
+REJECT_NO_LABEL = "not_in_label_folder"
+REJECT_UNREADABLE = "unreadable"
+REJECT_BAD_NAME = "undecodable_name"
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One thing found in a batch folder: a candidate file, or a rejected entry with its reason."""
+
+    path: str
+    label: str | None
+    size: int | None
+    reason: str | None = None
+    #: Modification stamp (local mtime in ns, or the object's ETag): part of the batch
+    #: fingerprint, so a file replaced by one of the same size still counts as a change.
+    stamp: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+def safe_relative_parts(rel: str) -> list[str] | None:
+    """Split a batch-relative name into parts, or ``None`` if it could leave the batch folder.
+
+    Object stores allow keys such as ``a/../../x`` and Windows-made archives carry ``..\\x``;
+    neither may address anything outside the batch.
+    """
+    if not rel or rel.startswith(("/", "\\")) or "\\" in rel or "\x00" in rel:
+        return None
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return parts
+
+
+def _is_valid_text(name: str) -> bool:
+    """False for names holding undecodable bytes (surrogate escapes): they cannot be stored."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _empty_folder(rel: str) -> BatchEntry:
+    if not _is_valid_text(rel):
+        return BatchEntry(printable_name(rel) + "/", None, None, REJECT_BAD_NAME)
+    label = rel.split("/")[0]
+    reason = REJECT_HIDDEN if any(p.startswith(".") for p in rel.split("/")) else REJECT_EMPTY_LABEL
+    return BatchEntry(rel + "/", label, None, reason)
+
+
+def printable_name(name: str) -> str:
+    """A storable rendering of a name that may hold undecodable bytes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def classify(rel: str, *, is_link: bool, is_regular: bool, size: int | None) -> BatchEntry:
+    """Decide whether one entry of a batch is a candidate file, and why not if it is not."""
+    label: str | None = None
+    if not _is_valid_text(rel):
+        return BatchEntry(printable_name(rel), None, size, REJECT_BAD_NAME)
+    parts = safe_relative_parts(rel)
+    if parts is None:
+        return BatchEntry(rel, None, size, REJECT_ESCAPES)
+    if len(parts) >= 2:
+        label = unicodedata.normalize("NFC", parts[0])
+    if is_link:
+        return BatchEntry(rel, label, size, REJECT_SYMLINK)
+    if not is_regular:
+        return BatchEntry(rel, label, size, REJECT_NOT_REGULAR)
+    if any(p.startswith(".") for p in parts):
+        return BatchEntry(rel, label, size, REJECT_HIDDEN)
+    if len(parts) < 2:
+        return BatchEntry(rel, None, size, REJECT_NO_LABEL)
+    if not size:
+        return BatchEntry(rel, label, size, REJECT_EMPTY_FILE)
+    return BatchEntry(rel, label, size)
+
+
+class LandingZone:
+    """Read access to a landing zone root (local folder or ``s3://bucket/prefix``)."""
+
+    def __init__(self, root: str, endpoint_url: str | None = None) -> None:
+        self.root = root
+        self.protocol, self._base = split_protocol(root)
+        self.fs = open_filesystem(self.protocol, endpoint_url)
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def _batch_base(self, batch_id: str, production: bool = False) -> str:
+        if safe_relative_parts(batch_id) is None or "/" in batch_id:
+            raise ValueError(f"invalid batch id {batch_id!r}")
+        return f"{self._base}/{PRODUCTION_DIR}/{batch_id}" if production else f"{self._base}/{batch_id}"
+
+    def list_complete_batches(self, production: bool = False) -> list[str]:
+        """Batch ids (sorted) whose folder holds ``_READY``; incomplete ones are left for later."""
+        base = f"{self._base}/{PRODUCTION_DIR}" if production else self._base
+        if not self.fs.exists(base):
+            return []
+        batches = []
+        for info in self.fs.ls(base, detail=True):
+            if info.get("type") != "directory":
+                continue
+            name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(".") or (not production and name == PRODUCTION_DIR):
+                continue
+            if self.is_local and os.path.islink(f"{base}/{name}"):
+                logger.warning("ignoring symlinked batch folder %s", name)
+                continue
+            if self.fs.exists(f"{base}/{name}/{READY_MARKER}"):
+                batches.append(name)
+        return sorted(batches)
+
+    def list_entries(self, batch_id: str, production: bool = False) -> list[BatchEntry]:
+        """Every entry of a batch, classified; ``_READY`` itself is not an entry."""
+        base = self._batch_base(batch_id, production)
+        entries = self._walk_local(base) if self.is_local else self._walk_remote(base)
+        if production:
+            # Production batches carry no label folders: files sit at the batch root.
+            entries = [
+                dataclasses.replace(e, label=None, reason=None if e.reason == REJECT_NO_LABEL else e.reason)
+                if e.reason in (None, REJECT_NO_LABEL) and "/" not in e.path
+                else e
+                for e in entries
+            ]
+        return sorted(entries, key=lambda e: e.path)
+
+    def _walk_local(self, base: str) -> list[BatchEntry]:
+        entries: list[BatchEntry] = []
+        root = Path(base)
+
+        def walk(folder: Path, rel_prefix: str) -> int:
+            found = 0
+            try:
+                listing = list(os.scandir(folder))
+            except OSError as exc:
+                logger.warning("cannot list %s: %s", folder, exc)
+                entries.append(BatchEntry(printable_name(rel_prefix) or ".", None, None, REJECT_UNREADABLE))
+                return 1
+            for entry in listing:
+                rel = f"{rel_prefix}{entry.name}"
+                if rel == READY_MARKER:
+                    continue
+                found += 1
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:  # vanished or unreadable between listing and stat
+                    entries.append(BatchEntry(printable_name(rel), rel.split("/")[0] if "/" in rel else None, None, REJECT_UNREADABLE))
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    # Hidden and oddly named folders are walked too: classify() rejects
+                    # each file inside with its reason, so every file is accounted for.
+                    if walk(Path(entry.path), rel + "/") == 0:
+                        entries.append(_empty_folder(rel))
+                    continue
+                entry_info = classify(
+                    rel,
+                    is_link=stat.S_ISLNK(st.st_mode),
+                    is_regular=stat.S_ISREG(st.st_mode),
+                    size=st.st_size,
+                )
+                entries.append(dataclasses.replace(entry_info, stamp=str(st.st_mtime_ns)))
+            return found
+
+        walk(root, "")
+        return entries
+
+    def _walk_remote(self, base: str) -> list[BatchEntry]:
+        entries: list[BatchEntry] = []
+        prefix = base.rstrip("/") + "/"
+        for path, info in sorted(self.fs.find(base, detail=True, withdirs=False).items()):
+            path = str(path).split("://", 1)[-1]
+            if not path.startswith(prefix):
+                continue
+            rel = path[len(prefix):]
+            if rel == READY_MARKER:
+                continue
+            entry_info = classify(rel, is_link=False, is_regular=True, size=int(info.get("size") or 0))
+            stamp = info.get("ETag") or info.get("LastModified")
+            entries.append(dataclasses.replace(entry_info, stamp=str(stamp) if stamp else None))
+        return entries
+
+    def read_bytes(self, batch_id: str, rel: str, production: bool = False) -> bytes:
+        """The bytes of an accepted entry; never follows a symlink on a local landing zone."""
+        parts = safe_relative_parts(rel)
+        if parts is None:
+            raise ValueError(f"path escapes the batch folder: {rel!r}")
+        path = f"{self._batch_base(batch_id, production)}/{rel}"
+        if self.is_local:
+            # O_NOFOLLOW guards the last component; the realpath check guards a folder swapped
+            # for a symlink after the listing.
+            base = os.path.realpath(self._batch_base(batch_id, production))
+            if os.path.commonpath([base, os.path.realpath(path)]) != base:
+                raise OSError(f"{rel!r} resolves outside the batch folder")
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(path, flags)
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def fingerprint(self, batch_id: str, production: bool = False) -> str:
+        """A short hash of a batch's file list and sizes: changes when files are added or replaced."""
+        digest = hashlib.sha256()
+        for entry in self.list_entries(batch_id, production):
+            digest.update(f"{entry.path}\0{entry.size}\0{entry.stamp}\0{entry.reason}\n".encode("utf-8", "backslashreplace"))
+        return digest.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Registry: saved models (safetensors + model card) and the champion gate with its history."""

@@ -1,0 +1,335 @@
+"""Hyperparameter search with Optuna on persistent storage, pruned through Lightning.
+
+:func:`run_study` runs (or resumes) the study named after the dataset version. The study lives
+in a persistent Optuna storage (SQLite file by default, any SQLAlchemy URL or a journal file),
+so a rerun continues it: finished trials count against the budget and trials a crash left
+RUNNING are marked failed first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from cvops_dagster.training.augmentation import AugmentConfig
+from cvops_dagster.training.evaluation import optimization_history_png
+from cvops_dagster.training.models import build_classifier
+from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.training.train import build_trainer, torch_threads
+from cvops_dagster.datasets.loading import LoadedDataset, load_dataset
+from cvops_dagster.training.datamodule import ImageDataModule
+from cvops_dagster.training.system import MONITOR, ClassifierSystem, HistoryCallback, arch_from_params, resolve_params
+
+logger = logging.getLogger(__name__)
+
+#: Default search space: ``name -> (kind, low/choices, high, log)``. Narrow on purpose: every
+#: point in it trains a good model, the study picks the best for this dataset.
+DEFAULT_SEARCH_SPACE: dict[str, tuple] = {
+    "lr": ("float", 1e-3, 1e-2, True),
+    "weight_decay": ("float", 1e-5, 1e-2, True),
+    "dropout": ("float", 0.0, 0.3, False),
+    "label_smoothing": ("float", 0.0, 0.15, False),
+    "width": ("categorical", (16, 24, 32)),
+}
+
+
+@dataclass
+class StudyConfig:
+    """Budget and search settings of a study.
+
+    Attributes:
+        n_trials: total finished (complete or pruned) trials wanted, counting earlier runs.
+        timeout: seconds this call may spend optimising (``None``: no limit).
+        max_epochs: epochs per trial (the pruner's maximum resource).
+        seed: TPE sampler seed and training seed.
+        pruner: ``successive_halving``, ``hyperband``, ``none`` or an Optuna pruner instance.
+        min_resource: epochs before the first pruning decision.
+        reduction_factor: pruner aggressiveness (keep 1/reduction_factor per rung).
+        n_startup_trials: random trials before TPE models the space.
+        search_space: overrides :data:`DEFAULT_SEARCH_SPACE`.
+        fixed_params: hyperparameters held fixed in every trial.
+        num_threads: torch threads (``None``: all available).
+        accelerator: Lightning accelerator.
+        augment: training augmentations.
+        single_worker: when True every RUNNING trial found at start is a crash leftover and
+            is marked failed; with several workers, set False (stale trials are then found by
+            heartbeat, which needs an RDB storage).
+        heartbeat_interval: seconds between trial heartbeats when ``single_worker`` is False.
+        study_prefix: study name prefix; the name is ``<prefix><dataset_version>``.
+    """
+
+    n_trials: int = 8
+    timeout: float | None = None
+    max_epochs: int = 12
+    seed: int = 0
+    pruner: Any = "successive_halving"
+    min_resource: int = 2
+    reduction_factor: int = 3
+    n_startup_trials: int = 4
+    search_space: dict[str, tuple] | None = None
+    fixed_params: dict[str, Any] = field(default_factory=dict)
+    num_threads: int | None = None
+    accelerator: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    single_worker: bool = True
+    heartbeat_interval: int = 60
+    study_prefix: str = "cvops-"
+
+
+@dataclass
+class StudyResult:
+    """Outcome of a study (all trials so far, not only this call's)."""
+
+    study_name: str
+    storage_url: str
+    best_params: dict[str, Any]
+    best_value: float | None
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    n_trials_this_run: int
+    epochs_consumed: int
+    trials: pd.DataFrame
+    history_png: bytes
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures (no DataFrame, no plot)."""
+        return {
+            "study_name": self.study_name,
+            "storage_url": self.storage_url,
+            "best_params": self.best_params,
+            "best_value": self.best_value,
+            "n_complete": self.n_complete,
+            "n_pruned": self.n_pruned,
+            "n_failed": self.n_failed,
+            "n_trials_this_run": self.n_trials_this_run,
+            "epochs_consumed": self.epochs_consumed,
+            "seconds": self.seconds,
+        }
+
+
+def default_storage_url(folder: str | Path) -> str:
+    """SQLite file ``<folder>/optuna.db`` (created if needed)."""
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'optuna.db'}"
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a SQLAlchemy URL, a ``.log``/``.journal`` file or a ``.db`` path.
+
+    ``heartbeat_interval`` (seconds, RDB only) lets several workers detect each other's
+    crashed trials (failed after twice the interval without a beat).
+    """
+    if "://" in url:
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 2 * heartbeat_interval} if heartbeat_interval else {}
+        engine_kwargs = None if url.startswith("sqlite") else {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    path = Path(url).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".log", ".journal", ".jsonl"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return optuna.storages.RDBStorage(f"sqlite:///{path}")
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner; epochs are the resource."""
+    if isinstance(config.pruner, optuna.pruners.BasePruner):
+        return config.pruner
+    if config.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=config.min_resource, reduction_factor=config.reduction_factor)
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=config.min_resource, max_resource=config.max_epochs, reduction_factor=config.reduction_factor
+        )
+    if config.pruner in ("none", None):
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {config.pruner!r}")
+
+
+def suggest_params(trial: optuna.Trial, space: dict[str, tuple], fixed: dict[str, Any]) -> dict[str, Any]:
+    """Draw one hyperparameter set from ``space`` (fixed values win)."""
+    params: dict[str, Any] = {}
+    for name, spec in space.items():
+        if name in fixed:
+            continue
+        kind = spec[0]
+        if kind == "float":
+            params[name] = trial.suggest_float(name, spec[1], spec[2], log=bool(spec[3]) if len(spec) > 3 else False)
+        elif kind == "int":
+            params[name] = trial.suggest_int(name, spec[1], spec[2], log=bool(spec[3]) if len(spec) > 3 else False)
+        elif kind == "categorical":
+            params[name] = trial.suggest_categorical(name, list(spec[1]))
+        else:
+            raise ValueError(f"unknown search-space kind {kind!r} for {name}")
+    params.update(fixed)
+    return params
+
+
+def fail_leftover_trials(study: optuna.Study, single_worker: bool) -> int:
+    """Mark trials a crashed run left RUNNING as failed; returns how many were."""
+    if not single_worker:
+        return len(optuna.storages.fail_stale_trials(study) or []) if hasattr(optuna.storages, "fail_stale_trials") else 0
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "left RUNNING by an interrupted run")
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        count += 1
+    if count:
+        logger.warning("study %s: marked %d interrupted trial(s) as failed", study.study_name, count)
+    return count
+
+
+def train_trial(
+    trial: optuna.Trial | None,
+    data: LoadedDataset,
+    params: dict[str, Any],
+    *,
+    max_epochs: int,
+    seed: int,
+    accelerator: str,
+    augment: AugmentConfig,
+) -> tuple[float, int]:
+    """Train one configuration; report each epoch's validation accuracy to ``trial``'s pruner.
+
+    Returns:
+        (best validation accuracy, epochs run). Raises ``optuna.TrialPruned`` when pruned.
+    """
+    import lightning.pytorch as pl
+
+    resolved = resolve_params(params)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    datamodule = ImageDataModule(data, int(resolved["batch_size"]), augment, seed)
+    model = build_classifier(arch_from_params(resolved, data.image_size), datamodule.num_classes, data.channels)
+    system = ClassifierSystem(model, datamodule.num_classes, resolved)
+    history = HistoryCallback()
+    callbacks: list[Any] = [history]
+    if trial is not None:
+        callbacks.append(PyTorchLightningPruningCallback(trial, monitor=MONITOR))
+    trainer = build_trainer(max_epochs=max_epochs, accelerator=accelerator, callbacks=callbacks)
+    trainer.fit(system, datamodule=datamodule)
+    scores = [h[MONITOR] for h in history.history if MONITOR in h]
+    if not scores:
+        raise RuntimeError(f"no {MONITOR} was logged")
+    return max(scores), len(scores)
+
+
+def run_study(
+    storage: ArtifactStorage,
+    dataset_version: str,
+    config: StudyConfig | None = None,
+    storage_url: str | None = None,
+    *,
+    data: LoadedDataset | None = None,
+) -> StudyResult:
+    """Run or resume the hyperparameter study of ``dataset_version``.
+
+    Args:
+        storage: artifact store holding the cleaned dataset.
+        dataset_version: the version to tune on; the study is named after it.
+        config: budget and search settings.
+        storage_url: Optuna storage: SQLAlchemy URL, a journal file (``.log``) or a SQLite
+            path; ``None`` puts ``optuna/optuna.db`` under a local artifact root (or
+            ``./.cvops-optuna/`` when the store is remote).
+        data: an already decoded dataset.
+
+    Returns:
+        A :class:`StudyResult`; ``best_params`` feeds :func:`cvops_dagster.training.train.train_model`.
+    """
+    config = config or StudyConfig()
+    started = time.perf_counter()
+    if storage_url is None:
+        local = storage.local_path("optuna") if storage.is_local else Path(".cvops-optuna")
+        storage_url = default_storage_url(local)  # type: ignore[arg-type]
+    study_name = f"{config.study_prefix}{dataset_version}"
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.n_startup_trials)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=open_storage(storage_url, None if config.single_worker else config.heartbeat_interval),
+        sampler=sampler,
+        pruner=make_pruner(config),
+        direction="maximize",
+        load_if_exists=True,
+    )
+    study.set_user_attr("dataset_version", dataset_version)
+    study.set_user_attr("monitor", MONITOR)
+    fail_leftover_trials(study, config.single_worker)
+    finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished_states))
+    remaining = max(0, config.n_trials - done)
+    logger.info("study %s at %s: %d finished trial(s), running %d more", study_name, storage_url, done, remaining)
+    space = config.search_space or DEFAULT_SEARCH_SPACE
+    before = len(study.trials)
+
+    if remaining:
+        data = data or load_dataset(storage, dataset_version)
+
+        def objective(trial: optuna.Trial) -> float:
+            params = suggest_params(trial, space, config.fixed_params)
+            trial.set_user_attr("params", params)
+            value, epochs = train_trial(
+                trial,
+                data,
+                params,
+                max_epochs=config.max_epochs,
+                seed=config.seed,
+                accelerator=config.accelerator,
+                augment=config.augment,
+            )
+            trial.set_user_attr("epochs", epochs)
+            return value
+
+        with torch_threads(config.num_threads):
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=config.timeout,
+                # Stops every worker once the shared budget is reached.
+                callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=finished_states)],
+                catch=(RuntimeError,),
+                gc_after_trial=True,
+            )
+    return summarize_study(study, storage_url, len(study.trials) - before, time.perf_counter() - started)
+
+
+def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
+    """Epochs a trial trained: the intermediate values it reported (one per epoch)."""
+    return int(trial.user_attrs.get("epochs", len(trial.intermediate_values)))
+
+
+def summarize_study(study: optuna.Study, storage_url: str, ran: int, seconds: float) -> StudyResult:
+    """Collect a :class:`StudyResult` from a study's trials."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best_params: dict[str, Any] = {}
+    best_value = None
+    if complete:
+        best = study.best_trial
+        best_params = dict(best.user_attrs.get("params", best.params))
+        best_value = float(best.value) if best.value is not None else None
+    values = [t.value if t.state == TrialState.COMPLETE else None for t in trials]
+    return StudyResult(
+        study_name=study.study_name,
+        storage_url=storage_url,
+        best_params=best_params,
+        best_value=best_value,
+        n_complete=len(complete),
+        n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        n_failed=sum(t.state == TrialState.FAIL for t in trials),
+        n_trials_this_run=ran,
+        epochs_consumed=sum(trial_epochs(t) for t in trials),
+        trials=study.trials_dataframe(),
+        history_png=optimization_history_png(values, maximize=True),
+        seconds=seconds,
+    )
