@@ -38,5 +38,7 @@ test-fast: install
 ui: install
 	$(VENV)/bin/cvops ui
 
+# Removes what this project made (artifacts, the Dagster instance). Never the landing zone:
+# that is the user's input (`rm -rf landing` by hand to start over from `cvops seed`).
 clean:
-	rm -rf .cvops .dagster_home landing
+	rm -rf .cvops .dagster_home

@@ -14,7 +14,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import json_value, table
+from assets.metadata import json_value, safe_metadata, table
 from cvops_dagster.datasets.cleaning import CleaningConfig, clean_dataset
 from cvops_dagster.ingestion.ingest import read_raw_manifests
 from cvops_dagster.datasets.validation import ValidationConfig, validate_dataset
@@ -66,7 +66,7 @@ def cleaned_dataset(
         for r in report.failed
     ]
     return MaterializeResult(
-        metadata={
+        metadata=safe_metadata({
             "version": result.version,
             "batches": json_value(batches),
             "input": summary["input"],
@@ -84,17 +84,17 @@ def cleaned_dataset(
             "quarantine_examples": table(result.quarantine_examples, limit=50),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
             "decode_seconds": float(result.timings.get("decode_s", 0.0)),
-        },
+        }),
         check_results=[
             AssetCheckResult(
                 check_name=CHECK_EXPECTATIONS,
                 passed=report.success,
                 severity=AssetCheckSeverity.ERROR,
-                metadata={
+                metadata=safe_metadata({
                     "evaluated": report.statistics["evaluated_expectations"],
                     "failed": len(report.failed),
                     "failing_expectations": json_value(failed),
-                },
+                }),
             )
         ],
     )

@@ -10,7 +10,7 @@ from dagster import (
     asset,
 )
 
-from assets.metadata import json_value, table
+from assets.metadata import json_value, safe_metadata, table
 from assets.partitions import image_batches
 from cvops_dagster.ingestion.ingest import ingest_batch
 from resources.storage import ArtifactStore, ImageSource
@@ -40,7 +40,7 @@ def raw_images(
     summary = result.summary()
     context.log.info(f"batch {result.batch_id}: {result.files} files, {result.rejected} rejected")
     return MaterializeResult(
-        metadata={
+        metadata=safe_metadata({
             "files": result.files,
             "fingerprint": fingerprint,
             "bytes": result.bytes_ingested,
@@ -49,12 +49,12 @@ def raw_images(
             "labels": json_value(summary["labels"]),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
             "preview": table(result.manifest[["path", "label", "status", "reason", "size_bytes", "sample_id"]]),
-        },
+        }),
         check_results=[
             AssetCheckResult(
                 check_name="check_raw_images_not_empty",
                 passed=result.files > 0,
-                metadata={"files": result.files, "rejected": result.rejected},
+                metadata=safe_metadata({"files": result.files, "rejected": result.rejected}),
             )
         ],
     )

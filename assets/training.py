@@ -1,4 +1,4 @@
-"""hpo_study, trained_model and production_model: from a dataset version to a champion.
+"""hpo_study and trained_model: from a dataset version to a trained challenger.
 
 The modules behind these assets (torch, Lightning, Optuna) are imported inside the asset
 bodies: loading the code location then stays light (~0.3 GB and ~5 s less), which every
@@ -10,6 +10,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     Config,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -17,12 +18,12 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import json_value, latest_figure, png_markdown, table
+from assets.metadata import json_value, png_markdown, safe_metadata, table, upstream
+from cvops_dagster.core.settings import params_digest, step_threads
 from resources.storage import ArtifactStore
 from resources.tuning import OptunaStorage
 
 CHECK_ACCURACY_FLOOR = "check_trained_model_accuracy_floor"
-CHECK_NO_REGRESSION = "check_production_model_no_regression"
 
 
 class HpoStudyConfig(Config):
@@ -33,6 +34,9 @@ class HpoStudyConfig(Config):
     max_epochs: int = Field(default=12, description="epochs per trial (the pruner's resource)")
     seed: int = 0
     skip: bool = Field(default=False, description="skip the search; training then uses the documented defaults")
+    torch_threads: int | None = Field(
+        default=None, description="torch threads for the trials (default: the CPUs this process may use)"
+    )
 
 
 @asset(
@@ -50,9 +54,16 @@ def hpo_study(
 ) -> MaterializeResult:
     from cvops_dagster.training.tuning import StudyConfig, run_study  # torch and Optuna: see the module docstring
 
-    version = latest_figure(context, "cleaned_dataset", "version")
+    dataset = upstream(context, "cleaned_dataset")
+    version = dataset.figure("version")
+    inputs = {"cleaned_dataset": dataset.reference("version")}
     if config.skip:
-        return MaterializeResult(metadata={"dataset_version": version, "skipped": True, "best_params": json_value(None)})
+        return MaterializeResult(
+            metadata=safe_metadata(
+                {"dataset_version": version, "skipped": True, "best_params": json_value(None), "inputs": inputs}
+            ),
+            data_version=DataVersion(f"{version}:defaults"),
+        )
     url = optuna_storage.url
     study_config = StudyConfig(
         n_trials=config.n_trials,
@@ -62,11 +73,12 @@ def hpo_study(
         # Embedded SQLite is one worker: trials it finds RUNNING are crash leftovers. A shared
         # database may hold other workers' live trials: those are found stale by heartbeat.
         single_worker=url is None or url.startswith("sqlite"),
+        num_threads=step_threads(config.torch_threads),
     )
     result = run_study(artifact_store.storage, version, study_config, url)
     columns = [c for c in result.trials.columns if c in ("number", "state", "value", "epochs") or c.startswith("params_")]
     return MaterializeResult(
-        metadata={
+        metadata=safe_metadata({
             "dataset_version": version,
             "skipped": False,
             "study_name": result.study_name,
@@ -79,7 +91,10 @@ def hpo_study(
             "epochs_consumed": result.epochs_consumed,
             "trials": table(result.trials[columns], limit=100),
             "optimization_history": png_markdown(result.history_png, "optimization history"),
-        }
+            "torch_threads": study_config.num_threads,
+            "inputs": inputs,
+        }),
+        data_version=DataVersion(f"{result.study_name}:{params_digest(result.best_params)}"),
     )
 
 
@@ -90,6 +105,9 @@ class TrainedModelConfig(Config):
     patience: int = 15
     seed: int = 0
     accuracy_floor: float = Field(default=0.9, description="test accuracy the model must reach to be considered")
+    torch_threads: int | None = Field(
+        default=None, description="torch threads for training (default: the CPUs this process may use)"
+    )
 
 
 @asset(
@@ -115,14 +133,23 @@ def trained_model(
 ) -> MaterializeResult:
     from cvops_dagster.training.train import TrainConfig, train_model
 
-    version = latest_figure(context, "cleaned_dataset", "version")
-    params = latest_figure(context, "hpo_study", "best_params")
-    train_config = TrainConfig(max_epochs=config.max_epochs, patience=config.patience, seed=config.seed)
+    dataset = upstream(context, "cleaned_dataset")
+    study = upstream(context, "hpo_study")
+    version = dataset.figure("version")
+    if study.figure("dataset_version") != version:
+        raise ValueError(
+            f"hpo_study (run {study.run_id}) was tuned on dataset {study.figure('dataset_version')}, but the "
+            f"cleaned_dataset this run builds on is {version}: materialize hpo_study for {version} first"
+        )
+    params = study.figure("best_params")
+    train_config = TrainConfig(
+        max_epochs=config.max_epochs, patience=config.patience, seed=config.seed, num_threads=step_threads(config.torch_threads)
+    )
     result = train_model(artifact_store.storage, version, params, train_config)
     chance = 1.0 / max(len(result.card["labels"]), 1)
     floor_ok = result.test_accuracy >= config.accuracy_floor and result.test_accuracy > chance
     return MaterializeResult(
-        metadata={
+        metadata=safe_metadata({
             "model_id": result.model_id,
             "dataset_version": version,
             "test_accuracy": result.test_accuracy,
@@ -139,84 +166,19 @@ def trained_model(
             "confusion_matrix": png_markdown(result.confusion_matrix_png, "confusion matrix"),
             "learning_curves": png_markdown(result.learning_curves_png, "learning curves"),
             "model_card": MetadataValue.path(artifact_store.uri(result.model_card_key)),
-        },
+            "reused": result.reused,
+            "torch_threads": train_config.num_threads,
+            "inputs": {
+                "cleaned_dataset": dataset.reference("version"),
+                "hpo_study": study.reference("study_name", "dataset_version"),
+            },
+        }),
+        data_version=DataVersion(result.model_id),
         check_results=[
             AssetCheckResult(
                 check_name=CHECK_ACCURACY_FLOOR,
                 passed=floor_ok,
-                metadata={"test_accuracy": result.test_accuracy, "floor": config.accuracy_floor, "chance": chance},
+                metadata=safe_metadata({"test_accuracy": result.test_accuracy, "floor": config.accuracy_floor, "chance": chance}),
             )
         ],
     )
-
-
-class ProductionModelConfig(Config):
-    margin: float = Field(default=0.0, description="accuracy the challenger must gain over the champion")
-    regression_tolerance: float = Field(
-        default=0.01, description="how far production accuracy may fall below the outgoing champion's recorded one"
-    )
-
-
-@asset(
-    deps=["trained_model"],
-    group_name="training",
-    kinds={"python"},
-    code_version="1",
-    automation_condition=ON_UPSTREAM_UPDATE,
-    check_specs=[
-        AssetCheckSpec(
-            CHECK_NO_REGRESSION,
-            asset="production_model",
-            blocking=True,
-            description="The champion after the gate scores no worse than the one before, on the same test split.",
-        )
-    ],
-    description="The champion gate: the challenger replaces the champion only when it beats it on the current "
-    "test split by the margin. History in production/history.json; `cvops rollback` restores the previous one.",
-)
-def production_model(
-    context: AssetExecutionContext, config: ProductionModelConfig, artifact_store: ArtifactStore
-) -> MaterializeResult:
-    from cvops_dagster.registry.promotion import PromotionConfig, current_champion, promote_if_better, promotion_history
-
-    challenger = latest_figure(context, "trained_model", "model_id")
-    version = latest_figure(context, "trained_model", "dataset_version")
-    before = current_champion(artifact_store.storage)
-    decision = promote_if_better(artifact_store.storage, challenger, version, PromotionConfig(margin=config.margin))
-    summary = decision.summary
-    # Production accuracy on the current test split, against what the outgoing champion scored
-    # when it was promoted: catches a champion that got worse on newer data, and a broken one.
-    production_acc = decision.challenger_accuracy if decision.promoted else decision.champion_accuracy
-    previous = before["test_accuracy"] if before else None
-    history = promotion_history(artifact_store.storage)
-    return MaterializeResult(
-        metadata={
-            "model_id": summary["model_id"],
-            "test_accuracy": summary["test_accuracy"],
-            "promoted_at": summary["promoted_at"],
-            "dataset_version": summary["dataset_version"],
-            "promoted": decision.promoted,
-            "reason": decision.reason,
-            "challenger_id": decision.challenger_id,
-            "challenger_accuracy": decision.challenger_accuracy,
-            "champion_accuracy_before": decision.champion_accuracy,
-            "history": table(_history_frame(history), limit=50),
-        },
-        check_results=[
-            AssetCheckResult(
-                check_name=CHECK_NO_REGRESSION,
-                passed=previous is None
-                or (production_acc is not None and production_acc >= previous - config.regression_tolerance),
-                metadata={"recorded_before": previous, "after": production_acc, "tolerance": config.regression_tolerance},
-            )
-        ],
-    )
-
-
-def _history_frame(history):  # noqa: ANN001, ANN202
-    import pandas as pd
-
-    rows = [
-        {k: e.get(k) for k in ("at", "event", "model_id", "champion_id", "dataset_version", "reason")} for e in reversed(history)
-    ]
-    return pd.DataFrame(rows, columns=["at", "event", "model_id", "champion_id", "dataset_version", "reason"])

@@ -11,6 +11,7 @@ disable_telemetry()
 import assets.datasets  # noqa: E402
 import assets.export  # noqa: E402
 import assets.ingestion  # noqa: E402
+import assets.registry  # noqa: E402
 import assets.training  # noqa: E402
 from assets.partitions import image_batches  # noqa: E402
 from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
@@ -18,7 +19,7 @@ from resources.tuning import optuna_storage_from_env  # noqa: E402
 from sensors.automation import asset_update_sensor  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
 
-ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.export]
+ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.registry, assets.export]
 
 ingest_job = define_asset_job(
     "ingest_job",

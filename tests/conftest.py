@@ -1,11 +1,15 @@
-"""Shared test setup: telemetry off, and the Pillow corpus location."""
+"""Shared test setup: telemetry off, the Pillow corpus location, cached cleaned datasets."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.unit.synthetic_datasets import DatasetCache
 
 for _name, _value in {
     "FIFTYONE_DO_NOT_TRACK": "true",
@@ -25,3 +29,13 @@ def pillow_corpus() -> Path:
     if not PILLOW_CORPUS.is_dir():
         pytest.skip(f"Pillow test-image corpus not found at {PILLOW_CORPUS} (only CI and developer checkouts have ../shared)")
     return PILLOW_CORPUS
+
+
+@pytest.fixture(scope="session")
+def cleaned_datasets(tmp_path_factory: pytest.TempPathFactory) -> DatasetCache:
+    """Small cleaned datasets made by ingestion and cleaning, each built once per session
+    and copied into the storage a test passes (see tests/unit/synthetic_datasets.py)."""
+    # Imported here: the orchestration tests need no cleaning stack at collection time.
+    from tests.unit.synthetic_datasets import DatasetCache
+
+    return DatasetCache(tmp_path_factory.mktemp("cleaned-datasets"))

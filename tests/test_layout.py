@@ -50,6 +50,10 @@ def _ids(path: Path) -> str:
     return str(path.relative_to(LIBRARY))
 
 
+def _ids_any(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
 def test_every_stage_is_a_package_with_a_docstring() -> None:
     for stage in (*STAGES, "bench"):
         init = LIBRARY / stage / "__init__.py"
@@ -122,3 +126,8 @@ def test_top_level_packages_resolve_to_this_repository(package: str) -> None:
 def test_nothing_test_only_ships() -> None:
     shipped = {p.stem for p in LIBRARY_MODULES}
     assert not shipped & {"synthetic_data", "conftest"}
+
+
+@pytest.mark.parametrize("path", LIBRARY_MODULES + sorted((REPO / "assets").glob("*.py")), ids=_ids_any)
+def test_shipped_code_never_imports_tests(path: Path) -> None:
+    assert "tests" not in imported_modules(path), f"{path} imports the test suite"

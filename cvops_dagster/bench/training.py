@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from cvops_dagster.training.models import build_classifier
 from cvops_dagster.core.storage import ArtifactStorage
-from tests.synthetic_data import write_digits_dataset
+from cvops_dagster.datasets.cleaning import clean_dataset
+from cvops_dagster.ingestion.ingest import ingest_batch, read_raw_manifests
+from cvops_dagster.ingestion.landing import LandingZone
+from cvops_dagster.ingestion.sample_data import SAMPLE_BATCHES, seed_landing
 from cvops_dagster.training.train import build_trainer, torch_threads
 from cvops_dagster.datasets.loading import LoadedDataset, load_dataset
 from cvops_dagster.training.datamodule import ImageDataModule
@@ -83,6 +86,20 @@ def _plain_epochs(data: LoadedDataset, params: dict[str, Any], epochs: int, seed
     return times
 
 
+def _sample_dataset(tmp: Path, storage: ArtifactStorage) -> str:
+    """Clean the bundled sample digits into ``storage`` the way the product does; their version.
+
+    Seeded into a landing folder under ``tmp``, ingested batch by batch and cleaned, so the
+    benchmark trains on what ``cleaned_dataset`` would make of them.
+    """
+    landing = str(tmp / "landing")
+    seed_landing(landing)
+    zone = LandingZone(landing)
+    for batch_id in SAMPLE_BATCHES:
+        ingest_batch(zone, storage, batch_id)
+    return clean_dataset(storage, read_raw_manifests(storage, batch_ids=list(SAMPLE_BATCHES))).version
+
+
 def run_training_benchmark(
     storage: ArtifactStorage | None = None,
     dataset_version: str | None = None,
@@ -96,9 +113,11 @@ def run_training_benchmark(
     """Measure Lightning overhead and the pruning saving on a dataset (digits by default).
 
     Args:
-        storage: artifact store holding ``dataset_version``; ``None`` writes the bundled
-            digits into a temporary store.
-        dataset_version: cleaned dataset to use (``digits`` when generated).
+        storage: artifact store holding ``dataset_version``; ``None`` cleans the bundled
+            sample digits (seeded, ingested and cleaned as ``cvops demo`` does) into a
+            temporary store.
+        dataset_version: cleaned dataset to use; required with ``storage``, not allowed
+            without it (the sample dataset's version is what cleaning makes it).
         epochs: training epochs timed per loop (the first is discarded as warm-up).
         n_trials: trials per study.
         trial_epochs: epochs per unpruned trial (the pruner's maximum resource); ``None`` uses
@@ -115,9 +134,10 @@ def run_training_benchmark(
     trial_epochs = trial_epochs or StudyConfig().max_epochs
     with tempfile.TemporaryDirectory(prefix="cvops-bench-") as tmp:
         if storage is None:
+            if dataset_version is not None:
+                raise ValueError("dataset_version names a version in a given storage; pass storage too")
             storage = ArtifactStorage(str(Path(tmp) / "artifacts"))
-            dataset_version = dataset_version or "digits"
-            write_digits_dataset(storage, dataset_version)
+            dataset_version = _sample_dataset(Path(tmp), storage)
         if dataset_version is None:
             raise ValueError("dataset_version is required with a given storage")
         data = load_dataset(storage, dataset_version)

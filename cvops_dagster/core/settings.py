@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 LANDING_ENV = "CVOPS_LANDING"
 ARTIFACT_ROOT_ENV = "CVOPS_ARTIFACT_ROOT"
@@ -46,3 +49,23 @@ def normalize_root(root: str) -> str:
     if "://" in root:
         return root.rstrip("/")
     return str(Path(root).expanduser().resolve())
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not every CPU of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def step_threads(configured: int | None) -> int:
+    """The torch thread count a step uses: the configured one, else the CPUs it may use.
+
+    Set on purpose and recorded in the step's metadata, so two steps sharing a machine can be
+    given a share each instead of both taking every core (torch's default).
+    """
+    return max(1, int(configured)) if configured else available_cpus()
+
+
+def params_digest(params: dict[str, Any] | None) -> str:
+    """A short stable hash of a parameter dict (data versions, run keys)."""
+    text = json.dumps(params or {}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -7,6 +7,7 @@ batch can be deleted from the landing zone without losing anything.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import Counter
@@ -66,6 +67,15 @@ class IngestResult:
     @property
     def files(self) -> int:
         return int((self.manifest["status"] == STATUS_INGESTED).sum())
+
+    @property
+    def content_version(self) -> str:
+        """A hash of what the batch holds (paths, labels, outcomes, content ids), not of when
+        it was ingested: re-ingesting an unchanged batch gives the same version."""
+        digest = hashlib.sha256()
+        for row in self.manifest[["path", "label", "status", "reason", "sample_id"]].itertuples(index=False):
+            digest.update("\0".join("" if pd.isna(v) else str(v) for v in row).encode("utf-8", "backslashreplace") + b"\n")
+        return digest.hexdigest()[:16]
 
     @property
     def rejected(self) -> int:
@@ -157,12 +167,27 @@ def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) 
 
 
 def read_raw_manifests(storage: ArtifactStorage, batch_ids: list[str] | None = None) -> pd.DataFrame:
-    """All batch manifests (or the named ones) as one frame, in batch order."""
+    """All batch manifests (or the named ones) as one frame, in batch order.
+
+    Raises:
+        MissingManifestError: a named batch has no manifest (deleted, or its ingestion never
+            finished): a dataset built without it would shrink silently.
+    """
     keys = [k for k in storage.list(RAW_MANIFEST_PREFIX) if k.endswith(".parquet")]
     if batch_ids is not None:
-        wanted = {raw_manifest_key(b) for b in batch_ids}
+        wanted = {raw_manifest_key(b): b for b in batch_ids}
+        missing = sorted(b for key, b in wanted.items() if key not in set(keys))
+        if missing:
+            raise MissingManifestError(
+                f"raw manifest missing for batch(es) {missing} at {storage.uri(RAW_MANIFEST_PREFIX)}: "
+                "materialize raw_images for them again (or remove their partitions) before cleaning"
+            )
         keys = [k for k in keys if k in wanted]
     frames = [storage.read_parquet(k) for k in sorted(keys)]
     if not frames:
         return pd.DataFrame(columns=MANIFEST_COLUMNS)
     return pd.concat(frames, ignore_index=True)
+
+
+class MissingManifestError(FileNotFoundError):
+    """A batch that should be part of a dataset has no raw manifest."""

@@ -132,10 +132,19 @@ class LandingZone:
 
     def list_complete_batches(self, production: bool = False) -> list[str]:
         """Batch ids (sorted) whose folder holds ``_READY``; incomplete ones are left for later."""
+        return sorted(self.ready_markers(production))
+
+    def ready_markers(self, production: bool = False) -> dict[str, str]:
+        """Complete batches and a stamp of their ``_READY`` marker (mtime and size, or ETag).
+
+        One listing of the landing root and one look at each marker: cheap enough for every
+        sensor tick, unlike fingerprinting every file of every batch. Whoever changes a batch
+        after marking it ready rewrites ``_READY``, which changes its stamp.
+        """
         base = f"{self._base}/{PRODUCTION_DIR}" if production else self._base
         if not self.fs.exists(base):
-            return []
-        batches = []
+            return {}
+        markers: dict[str, str] = {}
         for info in self.fs.ls(base, detail=True):
             if info.get("type") != "directory":
                 continue
@@ -145,9 +154,23 @@ class LandingZone:
             if self.is_local and os.path.islink(f"{base}/{name}"):
                 logger.warning("ignoring symlinked batch folder %s", name)
                 continue
-            if self.fs.exists(f"{base}/{name}/{READY_MARKER}"):
-                batches.append(name)
-        return sorted(batches)
+            stamp = self._marker_stamp(f"{base}/{name}/{READY_MARKER}")
+            if stamp is not None:
+                markers[name] = stamp
+        return markers
+
+    def _marker_stamp(self, path: str) -> str | None:
+        if self.is_local:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                return None
+            return f"{st.st_mtime_ns}:{st.st_size}"
+        try:
+            info = self.fs.info(path)
+        except (FileNotFoundError, OSError):
+            return None
+        return str(info.get("ETag") or info.get("LastModified") or info.get("size"))
 
     def list_entries(self, batch_id: str, production: bool = False) -> list[BatchEntry]:
         """Every entry of a batch, classified; ``_READY`` itself is not an entry."""

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cvops_dagster.training.evaluation import classification_metrics, predict
-from cvops_dagster.registry.model_store import card_input_spec, load_model
+from cvops_dagster.training.model_store import card_input_spec, load_model
 from cvops_dagster.imaging.preprocessing import preprocess
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.datasets.loading import LoadedDataset, load_dataset

@@ -4,12 +4,28 @@
 in a persistent Optuna storage (SQLite file by default, any SQLAlchemy URL or a journal file),
 so a rerun continues it: finished trials count against the budget and trials a crash left
 RUNNING are marked failed first.
+
+Failures are not hidden: a trial may fail only for a reason of its own (:class:`TrialFailed`:
+no metric logged, a non-finite score); any other exception (a bug, running out of memory)
+fails the study, and a study left with no completed trial raises :class:`StudyFailed` instead
+of handing training empty parameters. Storage URLs are logged and recorded redacted.
+
+Default storage: a SQLite file under a local artifact root. With a remote root (``s3://``) the
+default is a journal file kept in the artifact store (``optuna/journal.log``), downloaded into a
+private folder and uploaded after every trial, so every machine resumes the same study; that
+suits one worker at a time. Several workers at once need a shared database
+(``CVOPS_OPTUNA_STORAGE``, PostgreSQL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +38,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from cvops_dagster.training.augmentation import AugmentConfig
 from cvops_dagster.training.evaluation import optimization_history_png
 from cvops_dagster.training.models import build_classifier
+from cvops_dagster.core.redaction import redact_url
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.training.train import build_trainer, torch_threads
 from cvops_dagster.datasets.loading import LoadedDataset, load_dataset
@@ -29,6 +46,17 @@ from cvops_dagster.training.datamodule import ImageDataModule
 from cvops_dagster.training.system import MONITOR, ClassifierSystem, HistoryCallback, arch_from_params, resolve_params
 
 logger = logging.getLogger(__name__)
+
+#: The study journal kept in a remote artifact store (see the module docstring).
+REMOTE_JOURNAL_KEY = "optuna/journal.log"
+
+
+class TrialFailed(RuntimeError):
+    """A trial that could not produce a score for a reason of its own; the study goes on."""
+
+
+class StudyFailed(RuntimeError):
+    """The study has no completed trial after this run: there are no parameters to train with."""
 
 #: Default search space: ``name -> (kind, low/choices, high, log)``. Narrow on purpose: every
 #: point in it trains a good model, the study picks the best for this dataset.
@@ -183,8 +211,7 @@ def fail_leftover_trials(study: optuna.Study, single_worker: bool) -> int:
         return len(optuna.storages.fail_stale_trials(study) or []) if hasattr(optuna.storages, "fail_stale_trials") else 0
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", "left RUNNING by an interrupted run")
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)  # left RUNNING by an interrupted run
         count += 1
     if count:
         logger.warning("study %s: marked %d interrupted trial(s) as failed", study.study_name, count)
@@ -221,8 +248,11 @@ def train_trial(
     trainer.fit(system, datamodule=datamodule)
     scores = [h[MONITOR] for h in history.history if MONITOR in h]
     if not scores:
-        raise RuntimeError(f"no {MONITOR} was logged")
-    return max(scores), len(scores)
+        raise TrialFailed(f"no {MONITOR} was logged")
+    best = max(scores)
+    if not math.isfinite(best):
+        raise TrialFailed(f"{MONITOR} is not finite ({best}): the configuration diverged")
+    return best, len(scores)
 
 
 def run_study(
@@ -240,18 +270,54 @@ def run_study(
         dataset_version: the version to tune on; the study is named after it.
         config: budget and search settings.
         storage_url: Optuna storage: SQLAlchemy URL, a journal file (``.log``) or a SQLite
-            path; ``None`` puts ``optuna/optuna.db`` under a local artifact root (or
-            ``./.cvops-optuna/`` when the store is remote).
+            path; ``None`` puts ``optuna/optuna.db`` under a local artifact root, or keeps a
+            journal in a remote one (see the module docstring).
         data: an already decoded dataset.
 
     Returns:
         A :class:`StudyResult`; ``best_params`` feeds :func:`cvops_dagster.training.train.train_model`.
+
+    Raises:
+        StudyFailed: no trial of the study has completed (all failed or were pruned).
     """
     config = config or StudyConfig()
-    started = time.perf_counter()
+    if storage_url is None and not storage.is_local:
+        with _journal_in_store(storage) as (journal, upload):
+            return _run_study(storage, dataset_version, config, journal, data, upload)
     if storage_url is None:
-        local = storage.local_path("optuna") if storage.is_local else Path(".cvops-optuna")
-        storage_url = default_storage_url(local)  # type: ignore[arg-type]
+        storage_url = default_storage_url(storage.local_path("optuna"))  # type: ignore[arg-type]
+    return _run_study(storage, dataset_version, config, storage_url, data, None)
+
+
+@contextlib.contextmanager
+def _journal_in_store(storage: ArtifactStorage) -> Iterator[tuple[str, Any]]:
+    """A private local copy of the store's study journal, and a function that uploads it back."""
+    folder = Path(tempfile.mkdtemp(prefix="cvops-optuna-"))
+    local = folder / "journal.log"
+    if storage.exists(REMOTE_JOURNAL_KEY):
+        local.write_bytes(storage.read_bytes(REMOTE_JOURNAL_KEY))
+
+    def upload(*_: Any) -> None:
+        if local.exists():
+            storage.write_bytes(REMOTE_JOURNAL_KEY, local.read_bytes())
+
+    try:
+        yield str(local), upload
+        upload()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_study(
+    storage: ArtifactStorage,
+    dataset_version: str,
+    config: StudyConfig,
+    storage_url: str,
+    data: LoadedDataset | None,
+    after_trial: Any,
+) -> StudyResult:
+    started = time.perf_counter()
+    shown_url = redact_url(storage_url) or ""
     study_name = f"{config.study_prefix}{dataset_version}"
     sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.n_startup_trials)
     study = optuna.create_study(
@@ -268,7 +334,7 @@ def run_study(
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))
     remaining = max(0, config.n_trials - done)
-    logger.info("study %s at %s: %d finished trial(s), running %d more", study_name, storage_url, done, remaining)
+    logger.info("study %s at %s: %d finished trial(s), running %d more", study_name, shown_url, done, remaining)
     space = config.search_space or DEFAULT_SEARCH_SPACE
     before = len(study.trials)
 
@@ -296,11 +362,21 @@ def run_study(
                 n_trials=remaining,
                 timeout=config.timeout,
                 # Stops every worker once the shared budget is reached.
-                callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=finished_states)],
-                catch=(RuntimeError,),
+                callbacks=[
+                    optuna.study.MaxTrialsCallback(config.n_trials, states=finished_states),
+                    *([after_trial] if after_trial is not None else []),
+                ],
+                # Only a trial's own failure is caught; anything else fails the asset.
+                catch=(TrialFailed,),
                 gc_after_trial=True,
             )
-    return summarize_study(study, storage_url, len(study.trials) - before, time.perf_counter() - started)
+    result = summarize_study(study, shown_url, len(study.trials) - before, time.perf_counter() - started)
+    if result.n_complete == 0 and config.n_trials > 0:
+        raise StudyFailed(
+            f"study {study_name}: no trial completed ({result.n_failed} failed, {result.n_pruned} pruned); "
+            "see the trials' fail reasons in the log, fix the cause and materialize hpo_study again"
+        )
+    return result
 
 
 def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:

@@ -122,8 +122,9 @@ def test_random_crop_is_a_shift() -> None:
 @pytest.mark.parametrize(("mode", "size"), [("L", (24, 24)), ("RGB", (20, 28))])
 def test_datamodule_reads_dataset_and_shares_eval_transform(tmp_path: Path, mode: str, size: tuple[int, int]) -> None:
     storage = ArtifactStorage(str(tmp_path))
-    info = shapes_dataset(storage, "v1", n_classes=3, per_class=12, size=size, mode=mode)
-    data = load_dataset(storage, "v1")
+    cleaned = shapes_dataset(storage, n_classes=3, per_class=12, size=size, mode=mode)
+    info = cleaned.dataset_info
+    data = load_dataset(storage, cleaned.version)
     assert data.labels == info["labels"] and data.channels == (3 if mode == "RGB" else 1)
     assert data.image_size == (size[1], size[0])
     assert sum(len(s) for s in data.splits.values()) == 36

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvops_dagster.registry.model_store import load_model, save_model
+from cvops_dagster.training.model_store import load_model, save_model
 from cvops_dagster.training.models import build_classifier
 from cvops_dagster.imaging.preprocessing import InputSpec
 from cvops_dagster.registry.promotion import (
@@ -23,7 +23,7 @@ from cvops_dagster.registry.promotion import (
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.training.train import TrainConfig, train_model
 from cvops_dagster.datasets.loading import load_dataset
-from tests.unit.synthetic_datasets import shapes_dataset
+from tests.unit.synthetic_datasets import only_version, shapes_dataset
 
 
 @pytest.mark.parametrize(
@@ -48,8 +48,8 @@ def test_decide(challenger: float, champion: float | None, margin: float, expect
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactStorage, str, str]:
     """A dataset, a trained model and a constant (always class 0) model on it."""
     storage = ArtifactStorage(str(tmp_path_factory.mktemp("promotion")))
-    shapes_dataset(storage, "v1", n_classes=2, per_class=40, size=(16, 16))
-    good = train_model(storage, "v1", {"width": 8, "batch_size": 16, "lr": 0.01}, TrainConfig(max_epochs=10, num_threads=1, baseline=False))
+    version = shapes_dataset(storage, n_classes=2, per_class=40, size=(16, 16)).version
+    good = train_model(storage, version, {"width": 8, "batch_size": 16, "lr": 0.01}, TrainConfig(max_epochs=10, num_threads=1, baseline=False))
     model, card = load_model(storage, good.model_id)
     constant = build_classifier(card["architecture"], 2, 1)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactStorage, s
         arch=card["architecture"],
         labels=card["labels"],
         input_spec=InputSpec.from_dict(card["input_spec"]),
-        dataset_version="v1",
+        dataset_version=version,
         hyperparameters={},
         metrics={},
     )
@@ -71,33 +71,34 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactStorage, s
 
 def test_gate_history_and_rollback(models: tuple[ArtifactStorage, str, str], tmp_path: Path) -> None:
     source, good, bad = models
+    version = only_version(source)
     # Fresh production state per test, same models and dataset.
     storage = ArtifactStorage(str(tmp_path))
     for key in source.list(""):
         if not key.startswith("production/"):
             storage.write_bytes(key, source.read_bytes(key))
-    data = load_dataset(storage, "v1")
+    data = load_dataset(storage, version)
     good_acc = evaluate_stored_model(storage, good, data)["accuracy"]
     bad_acc = evaluate_stored_model(storage, bad, data)["accuracy"]
     assert good_acc > bad_acc
 
     assert production_summary(storage)["model_id"] is None
-    first = promote_if_better(storage, bad, "v1", data=data)
+    first = promote_if_better(storage, bad, version, data=data)
     assert first.promoted and first.champion_id is None and "no current champion" in first.reason
     assert current_champion(storage)["model_id"] == bad
 
-    second = promote_if_better(storage, good, "v1", data=data)
+    second = promote_if_better(storage, good, version, data=data)
     assert second.promoted and second.champion_id == bad
     assert second.champion_accuracy == pytest.approx(bad_acc)
     summary = production_summary(storage)
     assert summary["model_id"] == good and summary["test_accuracy"] == pytest.approx(good_acc) and summary["promoted_at"]
 
-    worse = promote_if_better(storage, bad, "v1", data=data)
+    worse = promote_if_better(storage, bad, version, data=data)
     assert not worse.promoted and "champion kept" in worse.reason
     assert current_champion(storage)["model_id"] == good
 
     # A margin larger than any possible gain keeps the champion too.
-    assert not promote_if_better(storage, good, "v1", PromotionConfig(margin=0.5), data=data).promoted
+    assert not promote_if_better(storage, good, version, PromotionConfig(margin=0.5), data=data).promoted
 
     restored = rollback(storage)
     assert restored["model_id"] == bad
@@ -114,21 +115,22 @@ def test_gate_history_and_rollback(models: tuple[ArtifactStorage, str, str], tmp
     storage.write_json("production/current.json", stale | {"model_id": bad})
 
     # Re-running the gate with the model just rolled back must not promote it again.
-    again = promote_if_better(storage, good, "v1", data=data)
+    again = promote_if_better(storage, good, version, data=data)
     assert not again.promoted and "rolled back" in again.reason
     assert current_champion(storage)["model_id"] == bad
 
 
 def test_tampered_champion_is_replaced_with_a_reason(models: tuple[ArtifactStorage, str, str], tmp_path: Path) -> None:
     source, good, bad = models
+    version = only_version(source)
     storage = ArtifactStorage(str(tmp_path))
     for key in source.list(""):
         if not key.startswith("production/"):
             storage.write_bytes(key, source.read_bytes(key))
-    assert promote_if_better(storage, good, "v1").promoted
+    assert promote_if_better(storage, good, version).promoted
     weights = f"models/{good}/model.safetensors"
     data = bytearray(storage.read_bytes(weights))
     data[-3] ^= 0x10
     storage.write_bytes(weights, bytes(data))
-    decision = promote_if_better(storage, bad, "v1")
+    decision = promote_if_better(storage, bad, version)
     assert decision.promoted and "could not be evaluated" in decision.reason

@@ -11,12 +11,12 @@ import torch
 
 from cvops_dagster.training.augmentation import AugmentConfig
 from cvops_dagster.training.checkpoints import CheckpointIntegrityError, HashedCheckpointIO, load_verified, sidecar_path
-from cvops_dagster.registry.model_store import ModelIntegrityError, load_model, model_keys
+from cvops_dagster.training.model_store import ModelIntegrityError, load_model, model_keys
 from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.training.train import TrainConfig, train_model
 from cvops_dagster.datasets.loading import load_dataset
-from tests.unit.synthetic_datasets import shapes_dataset
+from tests.unit.synthetic_datasets import DatasetCache, clean_images, digits_images, only_version, shapes_dataset
 
 TINY = {"width": 8, "batch_size": 16, "lr": 0.01}
 FAST = TrainConfig(max_epochs=10, patience=10, num_threads=1, baseline=True, augment=AugmentConfig(crop_padding=1, rotation_deg=5.0))
@@ -49,17 +49,17 @@ class StartRecorder(pl.Callback):
 )
 def test_training_learns_on_gray_and_rgb_of_any_size(tmp_path: Path, mode: str, size: tuple[int, int], n_classes: int) -> None:
     storage = ArtifactStorage(str(tmp_path))
-    shapes_dataset(storage, "v1", n_classes=n_classes, per_class=40, size=size, mode=mode)
-    result = train_model(storage, "v1", TINY, FAST)
+    version = shapes_dataset(storage, n_classes=n_classes, per_class=40, size=size, mode=mode).version
+    result = train_model(storage, version, TINY, FAST)
     chance = 1.0 / n_classes
     assert result.best_val_accuracy > chance + 0.2
     assert result.test_accuracy > chance
     assert result.baseline_accuracy is not None and 0.0 <= result.baseline_accuracy <= 1.0
-    assert result.dataset_version == "v1"
+    assert result.dataset_version == version
     assert storage.exists(result.model_card_key) and storage.exists(result.weights_key)
     assert result.confusion_matrix_png.startswith(b"\x89PNG") and result.learning_curves_png.startswith(b"\x89PNG")
     assert len(result.history) == result.epochs_trained
-    assert set(result.per_class) == set(load_dataset(storage, "v1").labels)
+    assert set(result.per_class) == set(load_dataset(storage, version).labels)
     card = storage.read_json(result.model_card_key)
     assert card["input_spec"]["channels"] == (3 if mode == "RGB" else 1)
     assert card["input_spec"]["height"] == size[1] and card["input_spec"]["width"] == size[0]
@@ -68,7 +68,7 @@ def test_training_learns_on_gray_and_rgb_of_any_size(tmp_path: Path, mode: str, 
 
     # The stored model reproduces the reported test accuracy through the shared preprocessing.
     model, loaded_card = load_model(storage, result.model_id)
-    data = load_dataset(storage, "v1")
+    data = load_dataset(storage, version)
     x = torch.from_numpy(preprocess(data.splits["test"].images, InputSpec.from_dict(loaded_card["input_spec"])))
     with torch.no_grad():
         accuracy = float((model(x).argmax(1).numpy() == data.splits["test"].targets).mean())
@@ -76,16 +76,22 @@ def test_training_learns_on_gray_and_rgb_of_any_size(tmp_path: Path, mode: str, 
 
 
 @pytest.fixture
-def small_dataset(tmp_path: Path) -> ArtifactStorage:
+def small_dataset(tmp_path: Path, cleaned_datasets: DatasetCache) -> ArtifactStorage:
     storage = ArtifactStorage(str(tmp_path / "artifacts"))
-    shapes_dataset(storage, "v1", n_classes=2, per_class=24, size=(12, 12), mode="L")
+    cleaned_datasets.shapes(storage, n_classes=2, per_class=24, size=(12, 12), mode="L")
     return storage
 
 
-def test_interrupted_run_resumes_from_checkpoint(small_dataset: ArtifactStorage) -> None:
+@pytest.fixture
+def version(small_dataset: ArtifactStorage) -> str:
+    """The version of the one cleaned dataset in ``small_dataset``."""
+    return only_version(small_dataset)
+
+
+def test_interrupted_run_resumes_from_checkpoint(small_dataset: ArtifactStorage, version: str) -> None:
     config = TrainConfig(max_epochs=4, patience=10, num_threads=1, baseline=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_model(small_dataset, "v1", TINY, config, callbacks=[Crash(at_epoch=2)])
+        train_model(small_dataset, version, TINY, config, callbacks=[Crash(at_epoch=2)])
     ckpts = [k for k in small_dataset.list("checkpoints") if k.endswith("last.ckpt")]
     assert len(ckpts) == 1 and small_dataset.exists(ckpts[0] + ".sha256")
     saved = load_verified(small_dataset.local_path(ckpts[0]), small_dataset.local_path("checkpoints"))
@@ -93,24 +99,30 @@ def test_interrupted_run_resumes_from_checkpoint(small_dataset: ArtifactStorage)
     assert steps_before > 0
 
     recorder = StartRecorder()
-    result = train_model(small_dataset, "v1", TINY, config, callbacks=[recorder])
+    result = train_model(small_dataset, version, TINY, config, callbacks=[recorder])
     assert result.resumed_from_epoch == 1
     assert recorder.start_epoch == 2 and recorder.start_step == steps_before  # continued, not from scratch
     assert result.epochs_trained == 4
     assert result.global_step == steps_before * 2  # epochs 2 and 3 only added their own steps
     assert [h["epoch"] for h in result.history] == [0.0, 1.0, 2.0, 3.0]  # curves survived the crash
 
-    # A finished run is not resumed again: the next call trains from scratch.
+    # A finished run is reused as it is: unchanged inputs cost no training.
+    reused_recorder = StartRecorder()
+    reused = train_model(small_dataset, version, TINY, config, callbacks=[reused_recorder])
+    assert reused.reused and reused.model_id == result.model_id and reused_recorder.start_epoch is None
+    assert reused.test_accuracy == result.test_accuracy and reused.history == result.history
+
+    # Asked not to reuse it, the finished run is not resumed either: it trains from scratch.
     again = StartRecorder()
-    train_model(small_dataset, "v1", TINY, config, callbacks=[again])
-    assert again.start_epoch == 0 and again.start_step == 0
+    fresh = train_model(small_dataset, version, TINY, TrainConfig(**{**config.__dict__, "reuse_finished": False}), callbacks=[again])
+    assert again.start_epoch == 0 and again.start_step == 0 and not fresh.reused
 
 
 @pytest.mark.parametrize("tamper", ["flip_byte", "drop_sidecar", "forge_sidecar_elsewhere"])
-def test_tampered_checkpoint_is_refused(small_dataset: ArtifactStorage, tamper: str) -> None:
+def test_tampered_checkpoint_is_refused(small_dataset: ArtifactStorage, tamper: str, version: str) -> None:
     config = TrainConfig(max_epochs=3, patience=10, num_threads=1, baseline=False)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_model(small_dataset, "v1", TINY, config, callbacks=[Crash(at_epoch=1)])
+        train_model(small_dataset, version, TINY, config, callbacks=[Crash(at_epoch=1)])
     (key,) = [k for k in small_dataset.list("checkpoints") if k.endswith("last.ckpt")]
     path = small_dataset.local_path(key)
     assert path is not None
@@ -131,11 +143,11 @@ def test_tampered_checkpoint_is_refused(small_dataset: ArtifactStorage, tamper: 
             HashedCheckpointIO(path.parent).load_checkpoint(outside)
         return
     with pytest.raises(CheckpointIntegrityError, match=match):
-        train_model(small_dataset, "v1", TINY, config)
+        train_model(small_dataset, version, TINY, config)
 
 
-def test_tampered_safetensors_is_refused(small_dataset: ArtifactStorage) -> None:
-    result = train_model(small_dataset, "v1", TINY, TrainConfig(max_epochs=1, num_threads=1, baseline=False))
+def test_tampered_safetensors_is_refused(small_dataset: ArtifactStorage, version: str) -> None:
+    result = train_model(small_dataset, version, TINY, TrainConfig(max_epochs=1, num_threads=1, baseline=False))
     model, card = load_model(small_dataset, result.model_id)
     assert card["weights_sha256"] == result.card["weights_sha256"]
     weights_key, _ = model_keys(result.model_id)
@@ -146,10 +158,10 @@ def test_tampered_safetensors_is_refused(small_dataset: ArtifactStorage) -> None
         load_model(small_dataset, result.model_id)
 
 
-def test_train_defaults_are_documented_and_seeded(small_dataset: ArtifactStorage) -> None:
+def test_train_defaults_are_documented_and_seeded(small_dataset: ArtifactStorage, version: str) -> None:
     config = TrainConfig(max_epochs=2, num_threads=1, baseline=False, resume=False)
-    first = train_model(small_dataset, "v1", None, config)
-    second = train_model(small_dataset, "v1", None, config)
+    first = train_model(small_dataset, version, None, config)
+    second = train_model(small_dataset, version, None, config)
     assert first.params["width"] == second.params["width"] and first.params["lr"] > 0
     a, _ = load_model(small_dataset, first.model_id)
     b, _ = load_model(small_dataset, second.model_id)
@@ -168,20 +180,20 @@ class RemoteLikeStorage(ArtifactStorage):
         return None
 
 
-def test_remote_store_uses_local_cache_uploads_and_resumes(tmp_path: Path) -> None:
+def test_remote_store_uses_local_cache_uploads_and_resumes(tmp_path: Path, cleaned_datasets: DatasetCache) -> None:
     storage = RemoteLikeStorage(str(tmp_path / "bucket"), storage_options={"auto_mkdir": True})
     assert not storage.is_local
-    shapes_dataset(storage, "v1", n_classes=2, per_class=24, size=(12, 12))
+    version = cleaned_datasets.shapes(storage, n_classes=2, per_class=24, size=(12, 12)).version
     config = TrainConfig(max_epochs=3, num_threads=1, baseline=False, cache_dir=str(tmp_path / "cache-a"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_model(storage, "v1", TINY, config, callbacks=[Crash(at_epoch=1)])
+        train_model(storage, version, TINY, config, callbacks=[Crash(at_epoch=1)])
     uploaded = storage.list("checkpoints")
     assert any(k.endswith("/last.ckpt") for k in uploaded) and any(k.endswith("/last.ckpt.sha256") for k in uploaded)
 
     # Another machine (empty cache) picks the run up from the store.
     recorder = StartRecorder()
     other = TrainConfig(max_epochs=3, num_threads=1, baseline=False, cache_dir=str(tmp_path / "cache-b"))
-    result = train_model(storage, "v1", TINY, other, callbacks=[recorder])
+    result = train_model(storage, version, TINY, other, callbacks=[recorder])
     assert result.resumed_from_epoch == 0 and recorder.start_epoch == 1
     assert storage.exists(result.model_card_key)
 
@@ -189,8 +201,6 @@ def test_remote_store_uses_local_cache_uploads_and_resumes(tmp_path: Path) -> No
 def test_twenty_classes_train_with_the_same_code(tmp_path: Path) -> None:
     """Labels, outputs and input spec follow the data: 20 classes (digits and their negatives)."""
     from PIL import ImageOps
-
-    from tests.synthetic_data import digits_images, write_cleaned_dataset
 
     digits, labels = digits_images(size=16)
     images, names = [], []
@@ -202,7 +212,60 @@ def test_twenty_classes_train_with_the_same_code(tmp_path: Path) -> None:
                 images.append(variant)
                 names.append(name)
     storage = ArtifactStorage(str(tmp_path))
-    write_cleaned_dataset(storage, "v20", images, names)
-    result = train_model(storage, "v20", TINY, FAST)
+    version = clean_images(storage, images, names).version
+    result = train_model(storage, version, TINY, FAST)
     assert len(result.card["labels"]) == 20 and result.card["num_classes"] == 20
     assert result.test_accuracy > 0.3  # chance is 0.05
+
+
+@pytest.mark.parametrize("crash_at", ["before_rename", "after_rename"])
+def test_a_crash_between_checkpoint_and_sidecar_still_resumes(
+    tmp_path: Path, crash_at: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between writing a checkpoint and its hash record leaves a pair that verifies:
+    the old checkpoint (crash before the rename) or the new one (crash after it)."""
+    from cvops_dagster.training import checkpoints
+
+    target = tmp_path / "last.ckpt"
+    checkpoints.write_checkpoint_atomically(b"epoch-1", target)
+    real_replace = checkpoints._replace_text
+    calls = {"n": 0}
+
+    def dying_replace(path: Path, text: str) -> None:
+        calls["n"] += 1
+        # The first sidecar write (both hashes) happens; the second (new hash only) is where
+        # an "after_rename" crash strikes.
+        if crash_at == "after_rename" and calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        real_replace(path, text)
+
+    original_rename = Path.replace
+
+    def dying_rename(self: Path, other: Path) -> Path:
+        if crash_at == "before_rename" and self.name == ".tmp-last.ckpt":
+            raise KeyboardInterrupt("killed")
+        return original_rename(self, other)
+
+    monkeypatch.setattr(checkpoints, "_replace_text", dying_replace)
+    monkeypatch.setattr(Path, "replace", dying_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.write_checkpoint_atomically(b"epoch-2", target)
+    monkeypatch.undo()
+    expected = b"epoch-1" if crash_at == "before_rename" else b"epoch-2"
+    assert target.read_bytes() == expected
+    assert checkpoints.verify_checkpoint(target, tmp_path) == target.resolve()
+    # Anything else is still refused.
+    target.write_bytes(b"epoch-3")
+    with pytest.raises(CheckpointIntegrityError, match="tampered"):
+        checkpoints.verify_checkpoint(target, tmp_path)
+
+
+def test_remote_runs_copy_checkpoints_to_a_private_folder_removed_after(
+    tmp_path: Path, cleaned_datasets: DatasetCache
+) -> None:
+    storage = RemoteLikeStorage(str(tmp_path / "bucket"), storage_options={"auto_mkdir": True})
+    version = cleaned_datasets.shapes(storage, n_classes=2, per_class=24, size=(12, 12)).version
+    cache = tmp_path / "cache"
+    train_model(storage, version, TINY, TrainConfig(max_epochs=1, num_threads=1, baseline=False, cache_dir=str(cache)))
+    assert cache.is_dir() and not any(cache.iterdir()), "the run's private checkpoint copy was left behind"
+    assert any(k.endswith("/last.ckpt") for k in storage.list("checkpoints"))

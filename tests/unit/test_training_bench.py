@@ -14,8 +14,8 @@ from tests.unit.synthetic_datasets import shapes_dataset
 
 def test_training_benchmark_reports_its_figures(tmp_path: Path) -> None:
     storage = ArtifactStorage(str(tmp_path))
-    shapes_dataset(storage, "v1", n_classes=2, per_class=30, size=(12, 12))
-    figures = run_training_benchmark(storage, "v1", epochs=2, n_trials=4, trial_epochs=3, num_threads=1)
+    version = shapes_dataset(storage, n_classes=2, per_class=30, size=(12, 12)).version
+    figures = run_training_benchmark(storage, version, epochs=2, n_trials=4, trial_epochs=3, num_threads=1)
     for key in (
         "lightning_vs_plain_epoch_ratio",
         "pruned_vs_unpruned_epochs_ratio",
