@@ -6,6 +6,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    DataVersion,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -85,6 +86,7 @@ def cleaned_dataset(
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
             "decode_seconds": float(result.timings.get("decode_s", 0.0)),
         }),
+        data_version=DataVersion(result.version),
         check_results=[
             AssetCheckResult(
                 check_name=CHECK_EXPECTATIONS,

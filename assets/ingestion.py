@@ -5,6 +5,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -48,8 +49,10 @@ def raw_images(
             "rejected_reasons": json_value(summary["rejected_reasons"]),
             "labels": json_value(summary["labels"]),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
+            "content_version": result.content_version,
             "preview": table(result.manifest[["path", "label", "status", "reason", "size_bytes", "sample_id"]]),
         }),
+        data_version=DataVersion(result.content_version),
         check_results=[
             AssetCheckResult(
                 check_name="check_raw_images_not_empty",

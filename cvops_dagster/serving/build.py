@@ -1,25 +1,26 @@
-"""The champion turned into serving runtimes: ONNX FP32 with parity, and a gated INT8 variant."""
+"""The champion turned into serving runtimes: ONNX FP32 with parity, a gated INT8 variant, and the
+serving pointer switched to them once parity holds.
+
+Importing this module loads no torch (the ``serving`` rule): the model store and the exporter
+need it, so :func:`build_runtimes` imports them where it runs, in the Dagster step that builds.
+"""
 
 from __future__ import annotations
 
 import logging
-import tempfile
-from contextlib import contextmanager
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cvops_dagster.serving.export import ExportResult, ParityReport, check_parity, export_onnx
-from cvops_dagster.registry.model_store import card_input_spec, load_model
-from cvops_dagster.imaging.preprocessing import preprocess
-from cvops_dagster.serving.quantization import Int8Decision, build_int8_runtime
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.datasets.loading import load_dataset
+from cvops_dagster.imaging.preprocessing import preprocess
+from cvops_dagster.serving.pointer import ServingPointer, local_copy, publish
+from cvops_dagster.serving.quantization import Int8Decision, build_int8_runtime
+
+if TYPE_CHECKING:
+    from cvops_dagster.serving.export import ExportResult, ParityReport
 
 logger = logging.getLogger(__name__)
-
-SERVING_KEY = "production/serving.json"
 
 
 @dataclass
@@ -53,24 +54,28 @@ class RuntimeBuild:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary plus the full export, parity and INT8 records."""
         return {**self.summary(), "export": self.export.to_dict(), "parity": self.parity.to_dict(), "int8_decision": asdict(self.int8)}
 
-
-@contextmanager
-def local_copy(storage: ArtifactStorage, key: str) -> Iterator[Path]:
-    """A local path for ``key``: the file itself when storage is local, else a temporary copy."""
-    path = storage.local_path(key)
-    if path is not None:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="cvops-runtime-") as folder:
-        copy = Path(folder) / Path(key).name
-        copy.write_bytes(storage.read_bytes(key))
-        yield copy
+    def pointer(self) -> ServingPointer:
+        """The serving pointer for this build (INT8 only when its gate accepted it)."""
+        accepted = self.int8.accepted
+        return ServingPointer(
+            model_id=self.model_id,
+            dataset_version=self.dataset_version,
+            fp32_key=self.export.key,
+            fp32_sha256=self.export.sha256,
+            int8_key=self.int8.key if accepted else None,
+            int8_sha256=self.int8.sha256 if accepted else None,
+        )
 
 
 def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str | None = None) -> RuntimeBuild:
-    """Export ``model_id`` to ONNX, check parity on the test split, and gate an INT8 variant.
+    """Export ``model_id`` to ONNX, check parity on the test split, gate an INT8 variant, and
+    publish the serving pointer when parity passed.
+
+    A failed parity check publishes nothing, so the previous pointer (and the file hash it
+    pins) stays what ``cvops predict`` serves.
 
     Args:
         storage: artifact store with the model and its dataset.
@@ -78,6 +83,10 @@ def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str
         dataset_version: dataset whose test split checks parity and INT8 accuracy
             (default: the one in the model card).
     """
+    # torch loads here, not on import: the model store and the exporter are the torch side.
+    from cvops_dagster.serving.export import check_parity, export_onnx
+    from cvops_dagster.training.model_store import card_input_spec, load_model
+
     model, card = load_model(storage, model_id)
     version = dataset_version or card["dataset_version"]
     data = load_dataset(storage, version)
@@ -103,66 +112,5 @@ def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str
     logger.info("runtime %s: parity %s, int8 %s", exported.uri, parity.passed, "kept" if int8.accepted else "rejected")
     build = RuntimeBuild(model_id, version, exported, parity, int8)
     if parity.passed:
-        publish(storage, build)
+        publish(storage, build.pointer())
     return build
-
-
-def publish(storage: ArtifactStorage, build: RuntimeBuild) -> None:
-    """Point serving at ``build`` (``production/serving.json``), pinned by file hash.
-
-    Written only after parity passed, so a failed export never becomes what `cvops predict`
-    serves: the previous pointer, and the file hash it pins, stay.
-    """
-    storage.write_json(
-        SERVING_KEY,
-        {
-            "model_id": build.model_id,
-            "dataset_version": build.dataset_version,
-            "fp32_key": build.export.key,
-            "fp32_sha256": build.export.sha256,
-            "int8_key": build.int8.key if build.int8.accepted else None,
-            "int8_sha256": build.int8.sha256 if build.int8.accepted else None,
-        },
-    )
-
-
-def serving_record(storage: ArtifactStorage) -> dict[str, Any]:
-    """The published runtime (``production/serving.json``).
-
-    Raises:
-        FileNotFoundError: no runtime was published yet.
-    """
-    if not storage.exists(SERVING_KEY):
-        raise FileNotFoundError("no production runtime yet (run `cvops run` first)")
-    return storage.read_json(SERVING_KEY)
-
-
-def production_runtime(storage: ArtifactStorage, int8: bool = False) -> tuple[str, str]:
-    """Key and pinned SHA-256 of the runtime being served.
-
-    Raises:
-        FileNotFoundError: no runtime was published yet, or no INT8 one was accepted.
-    """
-    record = serving_record(storage)
-    if int8 and not record.get("int8_key"):
-        raise FileNotFoundError(f"production model {record['model_id']} has no accepted INT8 runtime")
-    prefix = "int8" if int8 else "fp32"
-    return record[f"{prefix}_key"], record[f"{prefix}_sha256"]
-
-
-def benchmark_production_runtime(storage: ArtifactStorage, threads: int | None = None) -> dict[str, Any]:
-    """``cvops bench runtime`` on the production model: PyTorch eager vs ORT FP32 vs INT8."""
-    from cvops_dagster.bench.runtime import run_runtime_benchmark
-
-    record = serving_record(storage)
-    fp32_key = record["fp32_key"]
-    model, card = load_model(storage, record["model_id"])
-    data = load_dataset(storage, record["dataset_version"])
-    inputs = preprocess(data.splits["test"].images or data.splits["train"].images, card_input_spec(card))
-    with local_copy(storage, fp32_key) as fp32_path:
-        if record.get("int8_key"):
-            with local_copy(storage, record["int8_key"]) as int8_path:
-                figures = run_runtime_benchmark(model, fp32_path, int8_path, inputs, threads=threads)
-        else:
-            figures = run_runtime_benchmark(model, fp32_path, None, inputs, threads=threads)
-    return {"model_id": record["model_id"], **figures}

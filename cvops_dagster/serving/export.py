@@ -2,8 +2,11 @@
 
 The file has one input ``input`` (float32 ``[batch, C, H, W]``, dynamic batch) and two outputs,
 ``logits`` and ``embedding``, and carries its labels, input spec, dataset version and model
-hash in ``metadata_props`` (see :class:`cvops_dagster.serving.predictor.RuntimeMetadata`), sealed with an
+hash in ``metadata_props`` (see :mod:`cvops_dagster.serving.runtime_file`), sealed with an
 integrity hash, so the predictor can serve it from the file alone.
+
+Importing this module loads no torch (the ``serving`` rule): :func:`export_onnx` and
+:func:`check_parity` take a torch model, so they import torch in their bodies, where one exists.
 """
 
 from __future__ import annotations
@@ -13,23 +16,19 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
-from cvops_dagster.serving.predictor import (
-    runtime_key,
-    EMBEDDING_NAME,
-    INPUT_NAME,
-    LOGITS_NAME,
-    Predictor,
-    RuntimeMetadata,
-    stamp_runtime_model,
-)
 from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.serving.predictor import Predictor
+from cvops_dagster.serving.runtime_checks import stamp_runtime_model
+from cvops_dagster.serving.runtime_file import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, RuntimeMetadata, runtime_key
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +38,6 @@ DEFAULT_OPSET = 18
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 PARITY_ATOL = 1e-4
 PARITY_MIN_AGREEMENT = 0.999
-
-
-class _LogitsAndEmbedding(nn.Module):
-    """Exposes ``forward_with_embedding`` as ``forward`` so the graph has both outputs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_with_embedding(x)
 
 
 @dataclass(frozen=True)
@@ -75,10 +63,23 @@ class ExportResult:
     metadata: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (asset metadata, ``cvops status``)."""
         return asdict(self)
 
 
 def _export_proto(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    import torch  # the exporter is torch's; callers already hold a torch model
+
+    class _LogitsAndEmbedding(torch.nn.Module):
+        """Exposes ``forward_with_embedding`` as ``forward`` so the graph has both outputs."""
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model  # the attribute name prefixes the graph's initializer names
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.model.forward_with_embedding(x)
+
     # The dynamo (torch.export) exporter, deliberately: it is torch's supported path (the
     # TorchScript exporter is deprecated), and on this CNN family it gives the cleaner graph:
     # BatchNorm folded into Conv, no Identity/Flatten leftovers, a named symbolic "batch"
@@ -134,6 +135,8 @@ def export_onnx(
     Raises:
         onnx.checker.ValidationError: the exported graph fails the full checker (nothing written).
     """
+    import torch  # here, not on import: only the step that exports loads torch
+
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     if not isinstance(metadata, RuntimeMetadata):
@@ -194,6 +197,7 @@ class ParityReport:
     max_abs_embedding_diff: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (asset metadata, ``cvops status``)."""
         return asdict(self)
 
 
@@ -219,6 +223,8 @@ def check_parity(
         min_agreement: smallest allowed fraction of identical predicted classes.
         batch_size: comparison batch size.
     """
+    import torch  # here, not on import: the model compared is a torch model
+
     array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
     array = np.ascontiguousarray(array, dtype=np.float32)
     n = len(array)

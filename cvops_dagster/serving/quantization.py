@@ -30,16 +30,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
-from cvops_dagster.serving.predictor import (
-    INPUT_NAME,
-    Predictor,
-    RuntimeMetadata,
-    load_runtime_model,
-    runtime_key,
-    stamp_runtime_model,
-)
 from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
+from cvops_dagster.serving.predictor import Predictor
+from cvops_dagster.serving.runtime_checks import load_runtime_model, stamp_runtime_model
+from cvops_dagster.serving.runtime_file import INPUT_NAME, RuntimeMetadata, runtime_key
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +63,13 @@ class PreprocessedImageReader(CalibrationDataReader):
             yield {INPUT_NAME: preprocess(self.images[start : start + self.batch_size], self.spec)}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next calibration batch, or ``None`` when all were given."""
         if self._iter is None:
             self._iter = self._batches()
         return next(self._iter, None)
 
     def rewind(self) -> None:
+        """Start again from the first batch."""
         self._iter = None
 
 
@@ -199,6 +196,7 @@ class Int8Decision:
     sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy."""
         return asdict(self)
 
 

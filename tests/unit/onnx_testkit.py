@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvops_dagster.serving.export import export_onnx
-from cvops_dagster.training.models import build_classifier
-from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
 from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
+from cvops_dagster.serving.export import export_onnx
+from cvops_dagster.serving.pointer import ServingPointer, publish
+from cvops_dagster.training.models import build_classifier
 
 LABELS = ["blob", "horizontal", "vertical"]
 SPEC = InputSpec(height=16, width=16, channels=1, mean=(0.45,), std=(0.3,))
@@ -100,6 +101,16 @@ def export_trained(root: str, model_id: str = "m-test") -> tuple[ArtifactStorage
     storage = ArtifactStorage(root)
     result = export_onnx(case.model, case.metadata(), storage, model_id)
     return storage, result.key
+
+
+def publish_trained(root: str, model_id: str = "m-test") -> tuple[ArtifactStorage, str, str]:
+    """Export the cached trained model into a fresh storage and publish it as the served runtime;
+    returns (storage, key, sha256)."""
+    case = trained_case()
+    storage = ArtifactStorage(root)
+    result = export_onnx(case.model, case.metadata(), storage, model_id)
+    publish(storage, ServingPointer(model_id, "ds-test", result.key, result.sha256))
+    return storage, result.key, result.sha256
 
 
 @functools.lru_cache(maxsize=1)

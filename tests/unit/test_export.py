@@ -14,7 +14,9 @@ from cvops_dagster.serving import export as export_mod
 from cvops_dagster.serving.export import check_parity, export_onnx, runtime_key
 from cvops_dagster.training.models import build_classifier
 from cvops_dagster.imaging.preprocessing import InputSpec
-from cvops_dagster.serving.predictor import META_INTEGRITY, Predictor, integrity_digest
+from cvops_dagster.serving.predictor import Predictor
+from cvops_dagster.serving.runtime_checks import integrity_digest
+from cvops_dagster.serving.runtime_file import META_INTEGRITY
 from cvops_dagster.core.storage import ArtifactStorage
 from tests.unit.onnx_testkit import LABELS, SPEC, trained_case
 

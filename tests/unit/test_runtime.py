@@ -15,17 +15,10 @@ import pytest
 from PIL import Image
 
 from cvops_dagster.imaging.preprocessing import preprocess
-from cvops_dagster.serving.predictor import (
-    ImageLoadError,
-    Predictor,
-    RuntimeMetadata,
-    RuntimeModelError,
-    check_external_data,
-    default_num_threads,
-    predict_paths,
-    softmax,
-    stamp_runtime_model,
-)
+from cvops_dagster.serving.file_predictions import predict_paths
+from cvops_dagster.serving.predictor import ImageLoadError, Predictor, default_num_threads, softmax
+from cvops_dagster.serving.runtime_checks import check_external_data, stamp_runtime_model
+from cvops_dagster.serving.runtime_file import RuntimeMetadata, RuntimeModelError
 from cvops_dagster.bench.runtime import run_runtime_benchmark
 from tests.unit.onnx_testkit import LABELS, SPEC, exported_bytes, torch_outputs, trained_case
 
@@ -278,7 +271,7 @@ def test_in_memory_alpha_images_match_the_cleaning_decoder(mode: str) -> None:
     """Transparent pixels land on the decoder's background, as in the canonical training images."""
     import io
 
-    from cvops_dagster.imaging.decoding import decode_image
+    from cvops_dagster.imaging.decode import decode_image
     from cvops_dagster.imaging.preprocessing import InputSpec, to_uint8
 
     image = Image.new(mode, (6, 6))  # fully transparent
