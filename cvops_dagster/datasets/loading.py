@@ -80,8 +80,8 @@ def load_dataset(storage: ArtifactStorage, version: str) -> LoadedDataset:
     for split in SPLITS:
         rows = frame[frame["split"] == split].sort_values("sample_id")
         images = []
-        for key in rows["image_key"]:
-            image = Image.open(io.BytesIO(storage.read_bytes(str(key))))
+        for data in storage.read_many([str(key) for key in rows["image_key"]]):
+            image = Image.open(io.BytesIO(data))
             image.load()
             images.append(image if image.mode == mode else image.convert(mode))
         targets = np.array([index[str(label)] for label in rows["label"]], dtype=np.int64)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from cvops_dagster.core.contracts import IMAGES_PREFIX
-from cvops_dagster.ingestion.landing import REJECT_UNREADABLE, LandingZone
+from cvops_dagster.ingestion.landing import REJECT_UNREADABLE, BatchEntry, LandingZone
 from cvops_dagster.core.storage import ArtifactStorage
 
 logger = logging.getLogger(__name__)
@@ -121,42 +121,17 @@ def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) 
     key = raw_manifest_key(batch_id)
     previous = _previous_times(storage, key)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    rows: list[dict[str, object]] = []
-    total_bytes = 0
-    for entry in landing.list_entries(batch_id):
-        row: dict[str, object] = {
-            "record_id": f"{batch_id}/{entry.path}",
-            "batch_id": batch_id,
-            "path": entry.path,
-            "label": entry.label,
-            "status": STATUS_REJECTED,
-            "reason": entry.reason,
-            "sample_id": None,
-            "image_key": None,
-            "ext": None,
-            "size_bytes": entry.size,
-        }
-        if entry.accepted:
-            try:
-                data = landing.read_bytes(batch_id, entry.path)
-            except OSError as exc:
-                logger.warning("unreadable %s/%s: %s", batch_id, entry.path, exc)
-                row["reason"] = REJECT_UNREADABLE
-            else:
-                ext = safe_extension(entry.path)
-                sample_id, image_key = storage.write_content_addressed(IMAGES_PREFIX, data, ext)
-                row.update(
-                    status=STATUS_INGESTED,
-                    reason=None,
-                    sample_id=sample_id,
-                    image_key=image_key,
-                    ext=ext,
-                    size_bytes=len(data),
-                )
-                total_bytes += len(data)
-        row["ingested_at"] = previous.get((str(row["record_id"]), row["sample_id"]), now)  # type: ignore[arg-type]
-        rows.append(row)
+    storage.remove_stale_temporaries(IMAGES_PREFIX)  # left by a killed earlier ingestion
 
+    def ingest_entry(entry: BatchEntry) -> dict[str, object]:
+        row = _entry_row(landing, storage, batch_id, entry)
+        row["ingested_at"] = previous.get((str(row["record_id"]), row["sample_id"]), now)  # type: ignore[arg-type]
+        return row
+
+    # Reading from the landing zone and writing to the store are whole-object transfers: with
+    # either on S3 they run on a bounded thread pool (one round trip each, overlapping).
+    rows = storage.map_transfers(ingest_entry, landing.list_entries(batch_id), remote=not (landing.is_local and storage.is_local))
+    total_bytes = sum(int(r["size_bytes"] or 0) for r in rows if r["status"] == STATUS_INGESTED)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest["size_bytes"] = manifest["size_bytes"].astype("Int64")
     storage.write_parquet(key, manifest)
@@ -191,3 +166,31 @@ def read_raw_manifests(storage: ArtifactStorage, batch_ids: list[str] | None = N
 
 class MissingManifestError(FileNotFoundError):
     """A batch that should be part of a dataset has no raw manifest."""
+
+
+def _entry_row(landing: LandingZone, storage: ArtifactStorage, batch_id: str, entry: BatchEntry) -> dict[str, object]:
+    """One manifest row: the entry copied into content-addressed storage, or why it was not."""
+    row: dict[str, object] = {
+        "record_id": f"{batch_id}/{entry.path}",
+        "batch_id": batch_id,
+        "path": entry.path,
+        "label": entry.label,
+        "status": STATUS_REJECTED,
+        "reason": entry.reason,
+        "sample_id": None,
+        "image_key": None,
+        "ext": None,
+        "size_bytes": entry.size,
+    }
+    if not entry.accepted:
+        return row
+    try:
+        data = landing.read_bytes(batch_id, entry.path)
+    except OSError as exc:
+        logger.warning("unreadable %s/%s: %s", batch_id, entry.path, exc)
+        row["reason"] = REJECT_UNREADABLE
+        return row
+    ext = safe_extension(entry.path)
+    sample_id, image_key = storage.write_content_addressed(IMAGES_PREFIX, data, ext)
+    row.update(status=STATUS_INGESTED, reason=None, sample_id=sample_id, image_key=image_key, ext=ext, size_bytes=len(data))
+    return row

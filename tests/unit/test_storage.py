@@ -70,3 +70,41 @@ def test_memory_backend_lists_like_local() -> None:
     store.write_bytes("c.bin", b"2")
     assert store.list() == ["a/b.bin", "c.bin"]
     assert store.list("a") == ["a/b.bin"]
+
+
+def test_read_many_keeps_order(store: ArtifactStorage) -> None:
+    for i in range(5):
+        store.write_bytes(f"a/{i}.bin", bytes([i]) * (i + 1))
+    keys = [f"a/{i}.bin" for i in (3, 0, 4, 1)]
+    assert store.read_many(keys) == [bytes([i]) * (i + 1) for i in (3, 0, 4, 1)]
+
+
+def test_map_transfers_preserves_order_on_the_pool(store: ArtifactStorage) -> None:
+    import threading
+
+    seen: set[str] = set()
+
+    def work(i: int) -> int:
+        seen.add(threading.current_thread().name)
+        return i * i
+
+    assert store.map_transfers(work, range(50), remote=True) == [i * i for i in range(50)]
+    assert any(name.startswith("cvops-transfer") for name in seen)
+    assert store.map_transfers(work, range(3), remote=False) == [0, 1, 4]
+
+
+def test_stale_temporaries_from_a_killed_write_are_removed(store: ArtifactStorage) -> None:
+    import os
+    import time
+
+    folder = store.local_path("images")
+    assert folder is not None
+    folder.mkdir(parents=True)
+    old, fresh = folder / ".tmp-abc.png-1", folder / ".tmp-def.png-2"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    (folder / "kept.png").write_bytes(b"real")
+    hour_ago = time.time() - 7200
+    os.utime(old, (hour_ago, hour_ago))
+    assert store.remove_stale_temporaries("images") == 1
+    assert not old.exists() and fresh.exists() and (folder / "kept.png").exists()
