@@ -178,6 +178,29 @@ class LatestBestCheckpoint(ModelCheckpoint):
     tie the later epoch is the more converged model, so it replaces the earlier one.
     """
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the best so far also when the run resumes in another local folder.
+
+        A remote store's checkpoints are copied into a new private folder on every attempt; the
+        stock callback then forgets the best score and the next epoch replaces a better best.
+        The files are the same under the new folder, so their paths are moved over.
+        """
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+
+            def moved(path: Any) -> Any:
+                return str(Path(self.dirpath) / Path(path).name) if path else path  # type: ignore[arg-type]
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                "last_model_path": moved(state_dict.get("last_model_path")),
+                "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
     def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
         if current is None:
             return False

@@ -193,9 +193,25 @@ def test_remote_store_uses_local_cache_uploads_and_resumes(tmp_path: Path, clean
     # Another machine (empty cache) picks the run up from the store.
     recorder = StartRecorder()
     other = TrainConfig(max_epochs=3, num_threads=1, baseline=False, cache_dir=str(tmp_path / "cache-b"))
-    result = train_model(storage, version, TINY, other, callbacks=[recorder])
+    best = BestScoreRecorder()
+    result = train_model(storage, version, TINY, other, callbacks=[recorder, best])
     assert result.resumed_from_epoch == 0 and recorder.start_epoch == 1
     assert storage.exists(result.model_card_key)
+    # The best score so far survived the move to another local folder.
+    assert best.at_start is not None
+
+
+class BestScoreRecorder(pl.Callback):
+    """The best-checkpoint callback's score when training (re)starts."""
+
+    def __init__(self) -> None:
+        self.at_start: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from cvops_dagster.training.checkpoints import LatestBestCheckpoint
+
+        (callback,) = [c for c in trainer.callbacks if isinstance(c, LatestBestCheckpoint)]
+        self.at_start = None if callback.best_model_score is None else float(callback.best_model_score)
 
 
 def test_twenty_classes_train_with_the_same_code(tmp_path: Path) -> None:
