@@ -34,6 +34,19 @@ def _dct_rows(n: int = THUMB_SIZE, k: int = 8) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+def low_frequencies(thumbs: np.ndarray) -> np.ndarray:
+    """The 8x8 lowest DCT-II coefficients of each 32x32 thumbnail, as float32 (N, 64).
+
+    ``dct @ X @ dct.T`` per thumbnail as a batched matmul, so each thumbnail's coefficients
+    are exactly the same whatever else is in the batch: one large product over the stacked
+    batch rounds differently with the batch size, which flipped pHash bits of near-flat
+    images between chunks of the decode workers (and between cached and fresh facts).
+    """
+    stack = np.asarray(thumbs).reshape(-1, THUMB_SIZE, THUMB_SIZE).astype(np.float32)
+    dct = _dct_rows()
+    return np.matmul(np.matmul(dct, stack), dct.T).reshape(stack.shape[0], 64)
+
+
 def perceptual_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Perceptual hashes and comparison thumbnails of 32x32 luma thumbnails.
 
@@ -45,14 +58,8 @@ def perceptual_hashes(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         (N, 16, 16) of 2x2-averaged thumbnails for confirming candidates.
     """
     raw = np.asarray(thumbs).reshape(-1, THUMB_SIZE, THUMB_SIZE)
-    stack = raw.astype(np.float32)
-    n = stack.shape[0]
-    dct = _dct_rows()
-    # dct @ X @ dct.T for every thumbnail, as two large matrix products (a batched matmul
-    # of 32x32 slices costs several times more for small batches of tiny images).
-    half = (stack.reshape(n * THUMB_SIZE, THUMB_SIZE) @ dct.T).reshape(n, THUMB_SIZE, 8)
-    low = (dct @ half.transpose(1, 0, 2).reshape(THUMB_SIZE, n * 8)).reshape(8, n, 8).transpose(1, 0, 2)
-    low = low.reshape(n, 64)
+    n = raw.shape[0]
+    low = low_frequencies(raw)
     # The median of the 63 AC terms (DC excluded, as in pHash) is the 32nd smallest.
     median = np.sort(low[:, 1:], axis=1)[:, 31:32]
     bits = np.packbits(low > median, axis=1, bitorder="little")  # bit k = coefficient k

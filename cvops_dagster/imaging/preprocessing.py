@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cvops_dagster.imaging.decoding import normalise_mode
+from cvops_dagster.imaging.normalise import normalise_mode
 
 _MODES = {1: "L", 3: "RGB"}
 

@@ -249,17 +249,25 @@ KEY_CASES = [
 
 
 @pytest.mark.parametrize("key", KEY_CASES)
-def test_bulk_key_check_agrees_with_the_storage_rule(storage: ArtifactStorage, key: str) -> None:
-    """The all-keys-at-once check rejects exactly the keys ArtifactStorage rejects."""
-    from cvops_dagster.datasets.cleaning import _first_invalid_key
+def test_key_check_agrees_with_the_storage_rule(storage: ArtifactStorage, key: str) -> None:
+    """Cleaning refuses, before reading anything, exactly the keys ArtifactStorage rejects."""
+    from cvops_dagster.datasets.cleaning import _distinct_keys, ingested_records
 
+    frame = raw_manifest(storage, "b", [(f"a/{n}.png", "a", encode(_smooth(60 + n, 8))) for n in range(3)])
+    frame.loc[1, "image_key"] = key
     try:
         storage.local_path(key)
     except ValueError:
         storage_rejects = True
     else:
         storage_rejects = False
-    assert (_first_invalid_key(["images/ok.png", key, "images/also-ok.png"]) == key) is storage_rejects
+    records = ingested_records(frame)
+    if storage_rejects and key.strip():
+        with pytest.raises(ValueError, match="invalid artifact key"):
+            _distinct_keys(records)
+    else:  # valid, or blank (a record without a file: quarantined as missing_image)
+        keys, _ = _distinct_keys(records)
+        assert (key in keys) is bool(key.strip())
 
 
 def test_invalid_raw_image_key_stops_cleaning(storage: ArtifactStorage) -> None:

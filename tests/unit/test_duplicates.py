@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cvops_dagster.imaging.decoding import decode_image
+from cvops_dagster.imaging.decode import decode_image
 from cvops_dagster.imaging.hashes import perceptual_hashes, pixel_hash
 from cvops_dagster.datasets.duplicates import NearDuplicateConfig, find_duplicates
 
