@@ -85,6 +85,8 @@ def cleaned_dataset(
             "quarantine_examples": table(result.quarantine_examples, limit=50),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
             "decode_seconds": float(result.timings.get("decode_s", 0.0)),
+            "files_decoded": result.cache.decoded,
+            "files_from_decode_cache": result.cache.hits,
         }),
         data_version=DataVersion(result.version),
         check_results=[

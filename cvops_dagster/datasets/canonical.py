@@ -78,7 +78,7 @@ def publish_canonical(
     mode: str,
     out_dir: Path,
     redecode: Redecode,
-    compress_level: int = 6,
+    compress_level: int = 1,
 ) -> Published:
     """Give every clean image its canonical PNG in the dataset mode.
 

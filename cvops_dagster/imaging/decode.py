@@ -239,7 +239,7 @@ def read_file(path: str) -> bytes:
         raise DecodeFailure(REASON_UNREADABLE, str(exc)) from exc
 
 
-def encode_png(image: Image.Image | np.ndarray, compress_level: int = 6) -> bytes:
+def encode_png(image: Image.Image | np.ndarray, compress_level: int = 1) -> bytes:
     """The canonical PNG bytes of an "L" or "RGB" image or array (no metadata chunks)."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB")
