@@ -1,10 +1,14 @@
-"""production_model: the champion gate between trained challengers and what is served.
+"""production_model: the champion gate. It decides which model should serve; it publishes nothing.
 
-The registry modules (torch, for scoring both models on the current test split) are imported
+The decision (``production/decisions/<id>.json``) is published by ``onnx_runtime`` once every
+check passed (assets/serving.py). With ``rollback: true`` (the ``rollback_job``, ``cvops
+rollback``) the decision is to restore the previous champion.
+
+The registry's gate (torch, for scoring both models on the current test split) is imported
 inside the asset body, so loading the code location stays light (see assets/training.py).
 """
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, MaterializeResult, asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Config, DataVersion, MaterializeResult, asset
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
@@ -15,73 +19,90 @@ CHECK_NO_REGRESSION = "check_production_model_no_regression"
 
 
 class ProductionModelConfig(Config):
-    margin: float = Field(default=0.0, description="accuracy the challenger must gain over the champion")
+    margin: float = Field(default=0.0, description="accuracy the challenger must gain over the champion (whole test split)")
     regression_tolerance: float = Field(
-        default=0.01, description="how far production accuracy may fall below the outgoing champion's recorded one"
+        default=0.01,
+        description="how far the model serving after the gate may score below the current champion on the "
+        "'previous' test slice (the champion's own data), both measured now",
     )
+    rollback: bool = Field(default=False, description="decide to restore the previous champion (the rollback job)")
 
 
 @asset(
     deps=["trained_model"],
     group_name="training",
     kinds={"python"},
-    code_version="1",
+    code_version="2",
     automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
             CHECK_NO_REGRESSION,
             asset="production_model",
             blocking=True,
-            description="The champion after the gate scores no worse than the one before, on the same test split.",
+            description="On the test samples of the champion's own dataset, the model serving after the gate scores "
+            "no worse than the current champion (minus the tolerance), both measured now.",
         )
     ],
-    description="The champion gate: the challenger replaces the champion only when it beats it on the current "
-    "test split by the margin. History in production/history.json; `cvops rollback` restores the previous one.",
+    description="The champion gate: the challenger should replace the champion when it beats it on the current "
+    "test split by the margin, without regressing on the champion's own data. Records the decision; "
+    "onnx_runtime publishes it. `cvops rollback` decides to restore the previous champion.",
 )
 def production_model(
     context: AssetExecutionContext, config: ProductionModelConfig, artifact_store: ArtifactStore
 ) -> MaterializeResult:
-    from cvops_dagster.registry.promotion import PromotionConfig, current_champion, promote_if_better, promotion_history
+    from cvops_dagster.registry.gate import GateConfig, decide_promotion, decide_rollback
+    from cvops_dagster.registry.history import read_history
 
-    trained = upstream(context, "trained_model")
-    challenger = trained.figure("model_id")
-    version = trained.figure("dataset_version")
-    before = current_champion(artifact_store.storage)
-    decision = promote_if_better(artifact_store.storage, challenger, version, PromotionConfig(margin=config.margin))
-    summary = decision.summary
-    # Production accuracy on the current test split, against what the outgoing champion scored
-    # when it was promoted: catches a champion that got worse on newer data, and a broken one.
-    production_acc = decision.challenger_accuracy if decision.promoted else decision.champion_accuracy
-    previous = before["test_accuracy"] if before else None
-    history = promotion_history(artifact_store.storage)
+    storage = artifact_store.storage
+    if config.rollback:
+        decision, inputs = decide_rollback(storage), {}
+    else:
+        trained = upstream(context, "trained_model")
+        gate = GateConfig(margin=config.margin, regression_tolerance=config.regression_tolerance)
+        decision = decide_promotion(storage, trained.figure("model_id"), trained.figure("dataset_version"), gate)
+        inputs = {"trained_model": trained.reference("model_id", "dataset_version")}
+    context.log.info(f"decision {decision.decision_id}: {decision.kind} {decision.target_model_id} ({decision.reason})")
+    challenger = (decision.metrics.get("challenger") or {}).get("all") or {}
+    champion = (decision.metrics.get("champion") or {}).get("all") or {}
+    check = decision.no_regression
     return MaterializeResult(
         metadata=safe_metadata({
-            "model_id": summary["model_id"],
-            "test_accuracy": summary["test_accuracy"],
-            "promoted_at": summary["promoted_at"],
-            "dataset_version": summary["dataset_version"],
+            "decision_id": decision.decision_id,
+            "decision": decision.kind,
+            "target_model_id": decision.target_model_id,
+            "model_id": decision.target_model_id,
+            "test_accuracy": decision.target_metrics.get("accuracy"),
+            # When the gate put the target forward: its promotion for a new champion, else the
+            # champion's own promotion time from the history.
+            "promoted_at": decision.decided_at if decision.promoted else _promoted_at(storage, decision.target_model_id),
+            "dataset_version": decision.dataset_version,
             "promoted": decision.promoted,
             "reason": decision.reason,
             "challenger_id": decision.challenger_id,
-            "challenger_accuracy": decision.challenger_accuracy,
-            "champion_accuracy_before": decision.champion_accuracy,
-            "history": table(_history_frame(history), limit=50),
+            "challenger_accuracy": challenger.get("accuracy"),
+            "champion_id": decision.champion_id,
+            "champion_accuracy_before": champion.get("accuracy"),
+            "slices": decision.metrics,
+            "accepted": decision.check_passed,
+            "inputs": inputs,
+            "history": table(_history_frame(read_history(storage)), limit=50),
         }),
+        data_version=DataVersion(decision.target_model_id),
         check_results=[
-            AssetCheckResult(
-                check_name=CHECK_NO_REGRESSION,
-                passed=previous is None
-                or (production_acc is not None and production_acc >= previous - config.regression_tolerance),
-                metadata=safe_metadata({"recorded_before": previous, "after": production_acc, "tolerance": config.regression_tolerance}),
-            )
+            AssetCheckResult(check_name=CHECK_NO_REGRESSION, passed=decision.check_passed, metadata=safe_metadata(check))
         ],
     )
+
+
+def _promoted_at(storage, model_id: str):  # noqa: ANN001, ANN202
+    from cvops_dagster.registry.history import replay_history
+
+    stack = replay_history(storage).stack
+    return next((c.promoted_at for c in reversed(stack) if c.model_id == model_id), None)
 
 
 def _history_frame(history):  # noqa: ANN001, ANN202
     import pandas as pd
 
-    rows = [
-        {k: e.get(k) for k in ("at", "event", "model_id", "champion_id", "dataset_version", "reason")} for e in reversed(history)
-    ]
-    return pd.DataFrame(rows, columns=["at", "event", "model_id", "champion_id", "dataset_version", "reason"])
+    columns = ["at", "event", "model_id", "replaces", "dataset_version", "reason"]
+    return pd.DataFrame([{k: e.get(k) for k in columns} for e in reversed(history)], columns=columns)

@@ -353,15 +353,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # The code location first: the timed process is then the size of the Dagster step
         # that cleans (forking the decode workers costs more from a larger process).
         import cvops_dagster.definitions  # noqa: F401
-        from cvops_dagster.bench.cleaning import run_cleaning_benchmark
+        from cvops_dagster.bench.cleaning import QUICK, run_cleaning_benchmark
 
-        figures = run_cleaning_benchmark(scale=args.scale, repeats=args.repeats)
+        given = {"digits": args.digits, "large_count": args.large_count, "incremental_base": args.incremental_base,
+                 "incremental_new": args.incremental_new, "repeats": args.repeats, "sets": args.sets}  # fmt: skip
+        figures = run_cleaning_benchmark(**{**(QUICK if args.quick else {}), **{k: v for k, v in given.items() if v is not None}})
     elif args.name == "training":
         from cvops_dagster.bench.training import run_training_benchmark
 
         figures = run_training_benchmark()
     else:
-        from cvops_dagster.serving.build import benchmark_production_runtime
+        from cvops_dagster.bench.runtime import benchmark_production_runtime
 
         try:
             figures = benchmark_production_runtime(_storage())
@@ -380,48 +382,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cvops_dagster.serving.predictor import ImageLoadError, RuntimeModelError, predict_paths
-    from cvops_dagster.serving.build import local_copy, production_runtime
+    # Serving modules only: this path must load neither torch nor Dagster (tests/test_cli.py).
+    from cvops_dagster.registry.history import ProductionStateError
+    from cvops_dagster.serving.file_predictions import predict_paths
+    from cvops_dagster.serving.pointer import open_production_predictor
+    from cvops_dagster.serving.runtime_file import RuntimeModelError
 
-    storage = _storage()
     try:
-        key, sha256 = production_runtime(storage, int8=args.int8)
-    except FileNotFoundError as exc:
-        raise CvopsError(str(exc)) from exc
-    try:
-        with local_copy(storage, key) as path:
-            predictions = predict_paths(path, args.paths, expected_sha256=sha256)
-    except (ImageLoadError, RuntimeModelError) as exc:
+        # Pinned by hash, cross-checked against the production history and the champion.
+        predictor = open_production_predictor(_storage(), int8=args.int8)
+        records = predict_paths(predictor, args.paths)
+    except (FileNotFoundError, ProductionStateError, RuntimeModelError) as exc:
         raise CvopsError(str(exc)) from exc
     if args.json:
-        print(json.dumps([p.to_dict() for p in predictions], indent=2))
-    else:
-        for p in predictions:
-            print(f"{p.path}\t{p.label}\t{p.confidence:.4f}")
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+    for r in records:
+        if r.error is not None:
+            print(f"cvops: {r.path}: {r.error}", file=sys.stderr)
+        elif not args.json:
+            print(f"{r.path}\t{r.label}\t{r.confidence:.4f}")
+    bad = sum(r.error is not None for r in records)
+    if bad:
+        raise CvopsError(f"{bad} of {len(records)} paths could not be predicted")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from cvops_dagster.registry.promotion import rollback
-
-    instance, _ = _load()
-    from dagster import AssetMaterialization
-
-    try:
-        summary = rollback(_storage())
-    except ValueError as exc:
-        raise CvopsError(str(exc)) from exc
-    # Record the change on production_model so the UI and `cvops status` show the restored champion.
-    instance.report_runtime_event(
-        AssetMaterialization(
-            asset_key="production_model",
-            description="cvops rollback",
-            metadata={**{k: v for k, v in summary.items() if v is not None}, "promoted": False, "reason": "rollback"},
+    """Run ``rollback_job`` in process: production_model decides to restore the previous champion,
+    onnx_runtime publishes it with that model's runtime (reused when it still verifies)."""
+    instance, defs = _load()
+    run_config = {
+        **_QUIET_LOGS,
+        "ops": {
+            "production_model": {"config": {"rollback": True}},
+            "onnx_runtime": {"config": {"reuse_only": bool(args.no_export)}},
+        },
+    }
+    with _Progress(instance, "rollback: production_model, onnx_runtime") as progress:
+        result = defs.resolve_job_def("rollback_job").execute_in_process(
+            instance=instance, run_config=run_config, raise_on_error=False, tags=progress.tags
         )
+    if not result.success:
+        raise CvopsError(f"rollback failed: {_failure_message(result)} (run {result.run_id})")
+    from cvops_dagster.registry.history import replay_history
+
+    champion = replay_history(_storage()).champion
+    assert champion is not None and champion.runtime is not None  # the job just published it
+    print(
+        f"production model is now {champion.model_id} (rolled back from {champion.previous_model_id}; "
+        f"test accuracy {champion.metrics.get('accuracy')}); serving {champion.runtime['fp32_key']}"
     )
-    print(f"production model is now {summary['model_id']} (test accuracy {summary['test_accuracy']})")
-    if not args.no_export:
-        run_lifecycle("onnx_runtime")
     return 0
 
 
@@ -470,8 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_roots(p)
     p.add_argument("name", choices=["cleaning", "training", "runtime"])
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
-    p.add_argument("--scale", type=int, default=1, help="cleaning: 10 re-encodes the sample into a 10x larger set")
-    p.add_argument("--repeats", type=int, default=3, help="cleaning: timed repeats (best is kept)")
+    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3)")
+    p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
+    p.add_argument("--sets", type=lambda v: tuple(v.split(",")), help="cleaning: some of sample,tenx,large,incremental")
+    p.add_argument("--digits", type=int, help="cleaning: digits in the sample and tenx sets (default all 1,797)")
+    p.add_argument("--large-count", type=int, help="cleaning: photos in the large set (default 2,000)")
+    p.add_argument("--incremental-base", type=int, help="cleaning: photos already cleaned (default 6,000)")
+    p.add_argument("--incremental-new", type=int, help="cleaning: photos in the new batch (default 600)")
     p.add_argument(
         "--allow-synthetic",
         action="store_true",
@@ -479,16 +494,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("predict", help="label and confidence per image, with the production ONNX runtime")
+    p = sub.add_parser(
+        "predict",
+        help="label and confidence per image, with the production ONNX runtime",
+        description="Label and confidence per image file, with the runtime production/serving.json pins. "
+        "A folder contributes every image file below it, recursively (suffixes .png .jpg .jpeg .webp "
+        ".bmp .tif .tiff .gif and their variants; hidden files and folders skipped), in sorted order. "
+        "Every bad path (missing, not a file, unreadable, not a decodable image, a folder without "
+        "images) is reported on stderr with its reason while the others are still predicted; "
+        "the exit status is then 1.",
+    )
     add_roots(p)
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of them")
     p.add_argument("--int8", action="store_true", help="use the INT8 runtime (when it was accepted)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON list, a record per file in order: path, label, confidence, error (null on success)",
+    )
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("rollback", help="restore the previous production model (and rebuild its runtime)")
+    p = sub.add_parser(
+        "rollback",
+        help="restore the previous production model and serve its runtime (the rollback_job)",
+        description="Run the rollback_job in process: production_model decides to restore the previous champion, "
+        "onnx_runtime publishes it with that model's runtime, reused when its files still verify, else rebuilt.",
+    )
     add_roots(p)
-    p.add_argument("--no-export", action="store_true", help="do not rebuild onnx_runtime for the restored model")
+    p.add_argument(
+        "--no-export", action="store_true", help="serve the runtime already built for the restored model; fail if there is none"
+    )
     p.set_defaults(func=cmd_rollback)
     return parser
 

@@ -1,5 +1,11 @@
-"""The champion turned into serving runtimes: ONNX FP32 with parity, a gated INT8 variant, and the
-serving pointer switched to them once parity holds.
+"""Runtime candidates for a model: ONNX FP32 with parity, and a gated INT8 variant, under new
+content-addressed names. Building publishes nothing.
+
+:func:`build_runtimes` exports the model to ``runtimes/<model_id>/<sha256>.onnx`` (written once;
+a file being served is never touched in place), checks parity with PyTorch on the test split,
+and builds the INT8 candidate (``<sha256>.int8.onnx`` when its gate accepts it). The publisher
+(:mod:`cvops_dagster.serving.publication`) decides what, if anything, to publish from the
+:class:`RuntimeBuild` it returns.
 
 Importing this module loads no torch (the ``serving`` rule): the model store and the exporter
 need it, so :func:`build_runtimes` imports them where it runs, in the Dagster step that builds.
@@ -14,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.datasets.loading import load_dataset
 from cvops_dagster.imaging.preprocessing import preprocess
-from cvops_dagster.serving.pointer import ServingPointer, local_copy, publish
+from cvops_dagster.serving.pointer import ServingPointer, local_copy
 from cvops_dagster.serving.quantization import Int8Decision, build_int8_runtime
 
 if TYPE_CHECKING:
@@ -32,6 +38,12 @@ class RuntimeBuild:
     export: ExportResult
     parity: ParityReport
     int8: Int8Decision
+    model_hash: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Whether every blocking check on the candidate passed (parity; INT8 only gates itself)."""
+        return bool(self.parity.passed)
 
     def summary(self) -> dict[str, Any]:
         """The figures ``cvops status --json`` reports under ``onnx_runtime``."""
@@ -50,7 +62,18 @@ class RuntimeBuild:
                 "reason": self.int8.reason,
                 "test_accuracy": self.int8.test_accuracy,
                 "path": self.int8.path,
+                "speedup": self.int8.speedup,
+                "min_speedup": self.int8.min_speedup,
             },
+        }
+
+    def checks(self) -> dict[str, Any]:
+        """What a history event records about the checks this runtime passed."""
+        return {
+            "parity": self.parity.to_dict(),
+            "int8": {k: v for k, v in asdict(self.int8).items() if k not in ("path",)},
+            "opset": self.export.opset,
+            "size_bytes": self.export.size_bytes,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,15 +94,12 @@ class RuntimeBuild:
 
 
 def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str | None = None) -> RuntimeBuild:
-    """Export ``model_id`` to ONNX, check parity on the test split, gate an INT8 variant, and
-    publish the serving pointer when parity passed.
-
-    A failed parity check publishes nothing, so the previous pointer (and the file hash it
-    pins) stays what ``cvops predict`` serves.
+    """Export ``model_id`` to a content-addressed ONNX candidate, check parity on the test split,
+    and build the gated INT8 candidate. Nothing is published.
 
     Args:
         storage: artifact store with the model and its dataset.
-        model_id: the model to export (normally the production champion).
+        model_id: the model to export.
         dataset_version: dataset whose test split checks parity and INT8 accuracy
             (default: the one in the model card).
     """
@@ -96,6 +116,7 @@ def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str
         {"labels": card["labels"], "input_spec": spec, "dataset_version": version, "model_hash": card["weights_sha256"]},
         storage,
         model_id,
+        content_addressed=True,
     )
     test = data.splits["test"] if len(data.splits["test"]) else data.splits["val"]
     with local_copy(storage, exported.key) as path:
@@ -109,8 +130,5 @@ def build_runtimes(storage: ArtifactStorage, model_id: str, dataset_version: str
         test_labels=labels,
         fp32_key=exported.key,
     )
-    logger.info("runtime %s: parity %s, int8 %s", exported.uri, parity.passed, "kept" if int8.accepted else "rejected")
-    build = RuntimeBuild(model_id, version, exported, parity, int8)
-    if parity.passed:
-        publish(storage, build.pointer())
-    return build
+    logger.info("runtime candidate %s: parity %s, int8 %s", exported.uri, parity.passed, "kept" if int8.accepted else "rejected")
+    return RuntimeBuild(model_id, version, exported, parity, int8, model_hash=card["weights_sha256"])

@@ -24,7 +24,14 @@ import onnx
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.serving.predictor import Predictor
 from cvops_dagster.serving.runtime_checks import stamp_runtime_model
-from cvops_dagster.serving.runtime_file import EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME, RuntimeMetadata, runtime_key
+from cvops_dagster.serving.runtime_file import (
+    EMBEDDING_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    RuntimeMetadata,
+    runtime_key,
+    write_runtime_once,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +124,7 @@ def export_onnx(
     model_id: str,
     *,
     opset: int = DEFAULT_OPSET,
+    content_addressed: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ``runtimes/<model_id>/model.onnx``, validated and self-describing.
 
@@ -128,6 +136,9 @@ def export_onnx(
         storage: where the file goes (written atomically).
         model_id: the model's id in the artifact store.
         opset: ONNX opset, at least 17.
+        content_addressed: write ``runtimes/<model_id>/<sha256>.onnx`` instead, once (see
+            :func:`~cvops_dagster.serving.runtime_file.write_runtime_once`): a new build never
+            overwrites a file that may be served.
 
     Returns:
         ExportResult with the key, URI, file hash and graph summary.
@@ -162,13 +173,18 @@ def export_onnx(
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
 
-    key = runtime_key(model_id)
-    uri = storage.write_bytes(key, data)
+    digest = hashlib.sha256(data).hexdigest()
+    if content_addressed:
+        key = runtime_key(model_id, sha256=digest)
+        uri = write_runtime_once(storage, key, data)
+    else:
+        key = runtime_key(model_id)
+        uri = storage.write_bytes(key, data)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     result = ExportResult(
         key=key,
         uri=uri,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=digest,
         size_bytes=len(data),
         opset=int(opset_used),
         n_nodes=len(proto.graph.node),

@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cvops_dagster.imaging.preprocessing import InputSpec
+
+if TYPE_CHECKING:
+    from cvops_dagster.core.storage import ArtifactStorage
+
+logger = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
@@ -46,10 +52,30 @@ META_INTEGRITY = "cvops.integrity_sha256"
 FORMAT_VERSION = 1
 
 
-def runtime_key(model_id: str, precision: str = "fp32") -> str:
-    """Storage key of a runtime file: ``runtimes/<model_id>/model.onnx`` (``model.int8.onnx`` for INT8)."""
-    name = "model.onnx" if precision == "fp32" else f"model.{precision}.onnx"
+def runtime_key(model_id: str, precision: str = "fp32", sha256: str | None = None) -> str:
+    """Storage key of a runtime file.
+
+    With ``sha256`` the key is content addressed, ``runtimes/<model_id>/<sha256>.onnx``
+    (``<sha256>.int8.onnx`` for INT8): the runtime build writes candidates there, so a rebuild
+    never touches a file being served. Without it, ``runtimes/<model_id>/model.onnx``
+    (``model.int8.onnx``), the fixed name a plain export writes.
+    """
+    stem = sha256 if sha256 is not None else "model"
+    name = f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
     return f"runtimes/{model_id}/{name}"
+
+
+def write_runtime_once(storage: ArtifactStorage, key: str, data: bytes) -> str:
+    """Write a content-addressed runtime file unless ``key`` already holds exactly ``data``.
+
+    A file already there with other bytes does not match the SHA-256 its name promises (it was
+    corrupted or modified): it is replaced, and the log says so. Returns the file's URI.
+    """
+    if storage.exists(key):
+        if hashlib.sha256(storage.read_bytes(key)).hexdigest() == hashlib.sha256(data).hexdigest():
+            return storage.uri(key)
+        logger.warning("%s does not hold the bytes its content address names (corrupted or modified); replacing it", storage.uri(key))
+    return storage.write_bytes(key, data)
 
 
 class RuntimeModelError(ValueError):

@@ -11,6 +11,7 @@ import pytest
 
 from cvops_dagster.imaging.preprocessing import preprocess
 from cvops_dagster.serving.quantization import (
+    INT8_MIN_SPEEDUP,
     PreprocessedImageReader,
     build_int8_runtime,
     int8_gate,
@@ -38,6 +39,24 @@ def test_int8_gate(fp32_acc, int8_acc, fp32_ms, int8_ms, accepted, why):
     assert ok is accepted
     assert why in reason
     assert f"{int8_ms:.3f} ms" in reason and f"{fp32_acc:.4f}" in reason  # the measured figures
+
+
+@pytest.mark.parametrize(
+    ("fp32_ms", "int8_ms", "accepted"),
+    [
+        (10.0, 6.0, True),  # 1.67x
+        (10.0, 9.0, True),  # 1.11x, just past a 1.10x margin
+        (10.0, 9.2, False),  # 1.09x: faster, but within the noise the margin absorbs
+        (10.0, 9.9, False),  # a near tie either way never flips the decision
+        (10.0, 10.5, False),
+    ],
+)
+def test_int8_gate_latency_margin(fp32_ms, int8_ms, accepted):
+    ok, reason = int8_gate(0.95, 0.95, fp32_ms, int8_ms, min_speedup=1.10)
+    assert ok is accepted
+    assert "required > 1.10x" in reason
+    if not accepted:
+        assert "not faster than fp32 by the 1.10x margin" in reason
 
 
 def test_gate_limit_is_configurable():
@@ -93,12 +112,18 @@ def test_build_int8_runtime_measures_and_applies_the_gate(tmp_path):
     )
     assert decision.fp32_test_accuracy >= 0.9  # a real, trained model
     assert decision.int8_latency_ms > 0 and decision.fp32_latency_ms > 0
+    assert decision.min_speedup == INT8_MIN_SPEEDUP and decision.latency_repeats == 5
+    assert decision.speedup == pytest.approx(decision.fp32_latency_ms / decision.int8_latency_ms)
     expected, _ = int8_gate(
-        decision.fp32_test_accuracy, decision.test_accuracy, decision.fp32_latency_ms, decision.int8_latency_ms
+        decision.fp32_test_accuracy, decision.test_accuracy, decision.fp32_latency_ms, decision.int8_latency_ms,
+        min_speedup=decision.min_speedup,
     )
     assert decision.accepted is expected
-    assert storage.exists("runtimes/m1/model.int8.onnx") is expected
+    assert (decision.key is not None and storage.exists(decision.key)) is expected
     assert (decision.path is not None) is expected
+    # Candidates only ever go under their content address; the fixed name is never written.
+    assert not storage.exists("runtimes/m1/model.int8.onnx")
+    assert [k for k in storage.list("runtimes/m1") if k.endswith(".int8.onnx")] == ([decision.key] if expected else [])
 
 
 def test_rejected_variant_is_not_kept_and_says_why(tmp_path):
@@ -112,8 +137,9 @@ def test_rejected_variant_is_not_kept_and_says_why(tmp_path):
     assert not decision.accepted
     assert decision.path is None and decision.key is None
     assert "accuracy drop too large" in decision.reason
-    assert not storage.exists("runtimes/m1/model.int8.onnx")
-    assert storage.exists("runtimes/m1/model.onnx")
+    # A rejected candidate is not written, and no existing file (maybe being served) is touched.
+    assert storage.list("runtimes/m1") == ["runtimes/m1/model.int8.onnx", "runtimes/m1/model.onnx"]
+    assert storage.read_bytes("runtimes/m1/model.int8.onnx") == b"stale"
 
 
 def test_accepted_variant_is_written_and_served(tmp_path):
@@ -123,7 +149,7 @@ def test_accepted_variant_is_written_and_served(tmp_path):
         storage, "m1", case.train_images[:32], case.test_images[:40], case.test_targets[:40],
         latency_repeats=2, gate=lambda *figures: (True, "accepted: forced"),
     )
-    assert decision.accepted and decision.key == "runtimes/m1/model.int8.onnx"
+    assert decision.accepted and decision.key == f"runtimes/m1/{decision.sha256}.int8.onnx"
     data = storage.read_bytes(decision.key)
     assert decision.sha256 == hashlib.sha256(data).hexdigest()
     predictor = Predictor(storage.local_path(decision.key), expected_sha256=decision.sha256)
