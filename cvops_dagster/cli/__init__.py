@@ -1,0 +1,161 @@
+"""The ``cvops`` command line: seed, run, status, demo, ui, predict, rollback and the benchmarks.
+
+Every command runs against the configured Dagster instance (``$DAGSTER_HOME``, default
+``./.dagster_home``), so what it materializes shows in the Dagster UI. This module holds the
+parser and the entry point; the commands live beside it (``runs``, ``status``, ``commands``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cvops_dagster.cli.commands import cmd_bench, cmd_demo, cmd_predict, cmd_seed, cmd_ui
+from cvops_dagster.cli.common import CvopsError, apply_overrides, instance_only
+from cvops_dagster.cli.runs import cmd_rollback, cmd_run, install_stop_handlers
+from cvops_dagster.cli.status import cmd_status, collect_status
+from cvops_dagster.core import settings
+
+__all__ = ["build_parser", "collect_status", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvops",
+        description="CVOps on Dagster: ingest image batches, clean, tune, train, promote and export. "
+        f"Environment: {settings.LANDING_ENV} (default {settings.DEFAULT_LANDING}), "
+        f"{settings.ARTIFACT_ROOT_ENV} (default {settings.DEFAULT_ARTIFACT_ROOT}), "
+        f"{settings.S3_ENDPOINT_ENV}, {settings.DAGSTER_HOME_ENV} (default {settings.DEFAULT_DAGSTER_HOME}).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_roots(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--landing", metavar="URI", help=f"landing zone folder or s3:// URL (overrides ${settings.LANDING_ENV})")
+        p.add_argument("--artifacts", metavar="URI", help=f"artifact root folder or s3:// URL (overrides ${settings.ARTIFACT_ROOT_ENV})")
+
+    p = sub.add_parser("seed", help="write the bundled sample digits into the landing zone as three batches")
+    add_roots(p)
+    p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("run", help="materialize the asset graph over every complete batch, in process")
+    add_roots(p)
+    p.add_argument("--select", metavar="SELECTION", help='Dagster asset selection, e.g. "raw_images+" (default: everything)')
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="Dagster run config (YAML or JSON) for the lifecycle run, e.g. the search budget: "
+        "ops: {hpo_study: {config: {n_trials: 4}}, trained_model: {config: {max_epochs: 20}}}",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="latest figures per asset (from the Dagster instance in $DAGSTER_HOME)")
+    p.add_argument("--json", action="store_true", help="print one JSON object, one key per asset")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="seed (if the landing zone is empty) + run + where to look")
+    add_roots(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ui", help="`dagster dev` on 127.0.0.1 with this workspace")
+    add_roots(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")
+    add_roots(p)
+    p.add_argument("name", choices=["cleaning", "training", "runtime"])
+    p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
+    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3)")
+    p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
+    p.add_argument("--sets", type=lambda v: tuple(v.split(",")), help="cleaning: some of sample,tenx,large,incremental")
+    p.add_argument("--digits", type=int, help="cleaning: digits in the sample and tenx sets (default all 1,797)")
+    p.add_argument("--large-count", type=int, help="cleaning: photos in the large set (default 2,000)")
+    p.add_argument("--incremental-base", type=int, help="cleaning: photos already cleaned (default 6,000)")
+    p.add_argument("--incremental-new", type=int, help="cleaning: photos in the new batch (default 600)")
+    p.add_argument(
+        "--allow-synthetic",
+        action="store_true",
+        help="runtime: without a production model, time a generated model of the default architecture",
+    )
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "predict",
+        help="label and confidence per image, with the production ONNX runtime",
+        description="Label and confidence per image file, with the runtime production/serving.json pins. "
+        "A folder contributes every image file below it, recursively (suffixes .png .jpg .jpeg .webp "
+        ".bmp .tif .tiff .gif and their variants; hidden files and folders skipped), in sorted order. "
+        "Every bad path (missing, not a file, unreadable, not a decodable image, a folder without "
+        "images) is reported on stderr with its reason while the others are still predicted; "
+        "the exit status is then 1.",
+    )
+    add_roots(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of them")
+    p.add_argument("--int8", action="store_true", help="use the INT8 runtime (when it was accepted)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON list, a record per file in order: path, label, confidence, error (null on success)",
+    )
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "rollback",
+        help="restore the previous production model and serve its runtime (the rollback_job)",
+        description="Run the rollback_job in process: production_model decides to restore the previous champion, "
+        "onnx_runtime publishes it with that model's runtime, reused when its files still verify, else rebuilt.",
+    )
+    add_roots(p)
+    p.add_argument(
+        "--no-export", action="store_true", help="serve the runtime already built for the restored model; fail if there is none"
+    )
+    p.set_defaults(func=cmd_rollback)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.command in ("run", "demo", "bench"):
+        _quiet_libraries(trains=args.command != "bench" or args.name != "cleaning")
+    apply_overrides(args)
+    if args.command in ("run", "demo", "rollback"):
+        install_stop_handlers(instance_only)
+    try:
+        return int(args.func(args) or 0)
+    except CvopsError as exc:
+        print(f"cvops: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cvops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for users; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"cvops: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _quiet_libraries(trains: bool) -> None:
+    """Library chatter (Lightning tips, GX temp folders, Optuna trial lines) off the terminal.
+
+    Lightning and Optuna log through handlers of their own, set up when they are imported,
+    so they are imported here to be quieted, only for commands that train (``trains``): a
+    command that never does (``bench cleaning``) keeps torch out of its process.
+    """
+    if trains:
+        import lightning.pytorch  # noqa: F401 - it sets its loggers to INFO on import; override after
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "great_expectations", "optuna", "py.warnings"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if trains:
+        try:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        except ImportError:  # pragma: no cover - optuna is a dependency
+            pass

@@ -1,0 +1,329 @@
+"""``cvops run`` and ``cvops rollback``: jobs executed in process against the instance, with progress.
+
+Before a run starts, runs an earlier ``cvops`` process left behind (killed, crashed) are
+failed and their pool slots freed; a step that must wait for the ``training`` pool says whose
+run holds it, and SIGTERM stops the command like Ctrl-C does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cvops_dagster.cli.common import CvopsError, artifact_storage, landing_zone, load_instance
+from cvops_dagster.core import settings
+from cvops_dagster.core.processes import process_identity, process_is_gone
+
+logger = logging.getLogger("cvops")
+
+TRAINING_POOL = "training"
+#: Seconds between looks at a pool another run holds.
+POOL_POLL_S = 5.0
+#: Seconds a signalled command may take to stop by itself before it abandons its runs and exits.
+STOP_GRACE_S = 15.0
+STOP_GRACE_ENV = "CVOPS_STOP_GRACE_S"
+
+PROGRESS_EVENTS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION")
+
+
+class _Progress:
+    """Prints a run's step and materialization events as they land in the instance."""
+
+    def __init__(self, instance: Any, label: str) -> None:
+        import uuid
+
+        self.instance = instance
+        self.label = label
+        #: Tagged onto the run this display follows, so runs the daemon starts meanwhile are not shown.
+        self.tags = {"cvops/invocation": uuid.uuid4().hex, **process_identity()}
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._cursor: str | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        print(f"▶ {self.label}", flush=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self._poll()
+            except Exception:  # noqa: BLE001 - progress display must never break a run
+                logger.debug("progress poll failed", exc_info=True)
+
+    def _poll(self) -> None:
+        with self._lock:
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        from dagster import DagsterEventType, RunsFilter
+
+        runs = self.instance.get_runs(RunsFilter(tags=self.tags), limit=1)
+        if not runs:
+            return
+        types = {getattr(DagsterEventType, name) for name in PROGRESS_EVENTS}
+        connection = self.instance.get_records_for_run(runs[0].run_id, cursor=self._cursor, of_type=types)
+        self._cursor = connection.cursor
+        for record in connection.records:
+            self._print(record.event_log_entry)
+
+    def _print(self, record: Any) -> None:
+        event = record.dagster_event
+        elapsed = time.time() - self.started
+        name = event.event_type_value
+        if name == "ASSET_MATERIALIZATION":
+            mat = event.event_specific_data.materialization
+            part = f" [{mat.partition}]" if mat.partition else ""
+            print(f"  {elapsed:6.1f}s  materialized {mat.asset_key.to_user_string()}{part}", flush=True)
+        elif name == "ASSET_CHECK_EVALUATION":
+            ev = event.event_specific_data
+            print(f"  {elapsed:6.1f}s  check {ev.check_name}: {'passed' if ev.passed else 'FAILED'}", flush=True)
+        elif name == "STEP_FAILURE":
+            message = _root_cause(event.event_specific_data.error)
+            print(f"  {elapsed:6.1f}s  FAILED {event.step_key}: {message}", flush=True)
+        elif name == "STEP_START":
+            print(f"  {elapsed:6.1f}s  started {event.step_key}", flush=True)
+
+
+# Progress comes from _Progress; failures are summarised by _root_cause and the full
+# traceback stays in the run's event log (cvops ui).
+_QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def _root_cause(error: Any) -> str:
+    """The innermost error of a step failure, in one line."""
+    if error is None:
+        return "unknown error"
+    while error.cause is not None:
+        error = error.cause
+    lines = [line for line in error.message.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else error.cls_name or "unknown error"
+
+
+def _failure_message(result: Any) -> str:
+    failures = []
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data.error)}")
+    return "; ".join(failures) or "run failed"
+
+
+def run_lifecycle(
+    select: str | None = None, echo: Callable[[str], None] = print, run_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Materialize the graph (or a selection) over every complete batch, in process.
+
+    Raw batches run one ``ingest_job`` partition run each; everything downstream runs in one
+    ``lifecycle_job`` run, so a blocking check failure stops the assets after it.
+    ``run_config`` is Dagster run config for that run (e.g. ``{"ops": {"hpo_study": {"config":
+    {"n_trials": 2}}}}``).
+    """
+    instance, defs = load_instance()
+    from dagster import AssetKey, AssetSelection
+
+    for line in reap_dead_runs(instance):
+        echo(line)
+
+    graph = defs.resolve_asset_graph()
+    try:
+        selection = AssetSelection.from_string(select) if select else AssetSelection.all()
+        keys = selection.resolve(graph)
+    except Exception as exc:  # noqa: BLE001 - Dagster raises several types for a bad selection
+        raise CvopsError(f"invalid selection {select!r}: {str(exc).splitlines()[0]}") from exc
+    if not keys:
+        raise CvopsError(f"selection {select!r} matches no asset")
+    raw_key = AssetKey("raw_images")
+    summary: dict[str, Any] = {"runs": []}
+
+    if raw_key in keys:
+        batches = landing_zone().list_complete_batches()
+        if not batches:
+            raise CvopsError(
+                f"no complete batch in the landing zone {settings.landing_root()!r} "
+                "(a batch is <landing>/<batch_id>/<label>/<file> plus a _READY file; try `cvops seed`)"
+            )
+        from assets.partitions import image_batches
+
+        known = set(instance.get_dynamic_partitions(image_batches.name))
+        instance.add_dynamic_partitions(image_batches.name, [b for b in batches if b not in known])
+        job = defs.resolve_job_def("ingest_job")
+        for i, batch in enumerate(batches, 1):
+            with _Progress(instance, f"[{i}/{len(batches)}] raw_images partition {batch}") as progress:
+                result = job.execute_in_process(
+                    instance=instance, partition_key=batch, run_config=_QUIET_LOGS, raise_on_error=False, tags=progress.tags
+                )
+            summary["runs"].append(result.run_id)
+            if not result.success:
+                raise CvopsError(f"ingesting batch {batch} failed: {_failure_message(result)} (run {result.run_id})")
+
+    rest = [k for k in keys if k != raw_key]
+    if rest:
+        job = defs.resolve_job_def("lifecycle_job")
+        names = ", ".join(sorted(k.to_user_string() for k in rest))
+        if any(graph.get(k).pools for k in rest):
+            wait_for_pool(instance, TRAINING_POOL, echo)
+        with _Progress(instance, f"lifecycle run: {names}") as progress:
+            result = job.execute_in_process(
+                instance=instance,
+                asset_selection=rest,
+                run_config={**(run_config or {}), **_QUIET_LOGS},
+                raise_on_error=False,
+                tags=progress.tags,
+            )
+        summary["runs"].append(result.run_id)
+        if not result.success:
+            raise CvopsError(
+                f"lifecycle run failed: {_failure_message(result)} (run {result.run_id}; `cvops ui` shows its full log)"
+            )
+    return summary
+
+
+def read_run_config(path: str | None) -> dict[str, Any] | None:
+    """Dagster run config from a YAML or JSON file, with a clear error for a bad one."""
+    if not path:
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise CvopsError(f"cannot read run config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CvopsError(f"run config {path} must hold a mapping (e.g. ops: {{hpo_study: {{config: {{n_trials: 2}}}}}})")
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    started = time.time()
+    summary = run_lifecycle(args.select, run_config=read_run_config(getattr(args, "config", None)))
+    print(f"done in {time.time() - started:.1f}s ({len(summary['runs'])} runs); see `cvops status`")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Run ``rollback_job`` in process: production_model decides to restore the previous champion,
+    onnx_runtime publishes it with that model's runtime (reused when it still verifies)."""
+    instance, defs = load_instance()
+    for line in reap_dead_runs(instance):
+        print(line)
+    run_config = {
+        **_QUIET_LOGS,
+        "ops": {
+            "production_model": {"config": {"rollback": True}},
+            "onnx_runtime": {"config": {"reuse_only": bool(args.no_export)}},
+        },
+    }
+    with _Progress(instance, "rollback: production_model, onnx_runtime") as progress:
+        result = defs.resolve_job_def("rollback_job").execute_in_process(
+            instance=instance, run_config=run_config, raise_on_error=False, tags=progress.tags
+        )
+    if not result.success:
+        raise CvopsError(f"rollback failed: {_failure_message(result)} (run {result.run_id})")
+    from cvops_dagster.registry.history import replay_history
+
+    champion = replay_history(artifact_storage()).champion
+    assert champion is not None and champion.runtime is not None  # the job just published it
+    print(
+        f"production model is now {champion.model_id} (rolled back from {champion.previous_model_id}; "
+        f"test accuracy {champion.metrics.get('accuracy')}); serving {champion.runtime['fp32_key']}"
+    )
+    return 0
+
+
+def reap_dead_runs(instance: Any) -> list[str]:
+    """Fail the runs whose ``cvops`` process is gone, and free the pool slots ended runs hold.
+
+    A ``cvops run`` killed with SIGKILL (or a crash, or a reboot) leaves its run STARTED and
+    its ``training`` slot claimed; nothing else would free it without the daemon. Only runs
+    this host's ``cvops`` started are judged (see :mod:`cvops_dagster.core.processes`).
+
+    Returns:
+        One line per run failed or slot freed, for the user.
+    """
+    from dagster import DagsterRunStatus, RunsFilter
+
+    lines = []
+    unfinished = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    for run in instance.get_runs(filters=RunsFilter(statuses=unfinished)):
+        if process_is_gone(run.tags) is True:
+            instance.report_run_failed(
+                run, f"its cvops process (pid {run.tags.get('cvops/pid')}) is gone: killed or crashed; failed by a later cvops command"
+            )
+            lines.append(f"run {run.run_id}: its process is gone (killed?); marked failed")
+    storage = instance.event_log_storage
+    if storage.supports_global_concurrency_limits:
+        for run_id in sorted(storage.get_concurrency_run_ids()):
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                storage.free_concurrency_slots_for_run(run_id)
+                lines.append(f"run {run_id}: ended but still held pool slots; freed them")
+    return lines
+
+
+def wait_for_pool(instance: Any, pool: str, echo: Callable[[str], None] = print, poll_s: float = POOL_POLL_S) -> None:
+    """Wait (sleeping, interruptible) while other live runs hold every slot of ``pool``.
+
+    Dagster's in-process executor would otherwise wait inside the run, polling at full speed
+    and without saying for whom. Runs whose process is gone are failed and freed meanwhile.
+    """
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    announced: set[str] = set()
+    while True:
+        info = storage.get_concurrency_info(pool)
+        limit = info.limit if info.limit is not None else info.slot_count
+        holders = sorted(info.active_run_ids)
+        if not limit or len(info.claimed_slots) < limit:
+            return
+        if set(holders) - announced:
+            echo(f"waiting for pool {pool!r}: its {limit} slot(s) held by run(s) {', '.join(holders)} (Ctrl-C to stop)")
+            announced.update(holders)
+        time.sleep(poll_s)
+        reap_dead_runs(instance)
+
+
+def install_stop_handlers(instance_getter: Callable[[], Any]) -> None:
+    """SIGTERM stops the command like Ctrl-C; if it has not stopped within :data:`STOP_GRACE_S`
+    seconds (``$CVOPS_STOP_GRACE_S``; a step blocked inside Dagster), its unfinished runs are
+    marked canceled, their slots freed, and the process exits, so a service manager can always
+    stop it."""
+    import signal
+
+    def on_signal(signum: int, frame: Any) -> None:
+        threading.Thread(target=_abandon_after_grace, args=(instance_getter, signum), daemon=True).start()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+
+def _abandon_after_grace(instance_getter: Callable[[], Any], signum: int) -> None:
+    import os
+
+    time.sleep(float(os.environ.get(STOP_GRACE_ENV) or STOP_GRACE_S))
+    try:
+        from dagster import DagsterRunStatus, RunsFilter
+
+        instance = instance_getter()
+        mine = {"cvops/pid": str(os.getpid())}
+        unfinished = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+        for run in instance.get_runs(filters=RunsFilter(tags=mine, statuses=unfinished)):
+            instance.report_run_canceled(run, f"cvops stopped by signal {signum}")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    finally:
+        os._exit(128 + signum)
