@@ -256,6 +256,8 @@ def _targets(labels: Sequence[Any], known: Sequence[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+# Over ~80 lines with its docstring: calibrate, quantize, check and gate are one decision whose
+# every branch records why the variant is kept or dropped.
 def build_int8_runtime(
     storage: ArtifactStorage,
     model_id: str,
