@@ -113,3 +113,13 @@ def test_demo_meets_the_quality_bar_and_predict_matches(tmp_path: Path) -> None:
     # One champion only: rollback refuses with a clear message.
     refused = cvops("rollback", cwd=tmp_path, check=False)
     assert refused.returncode == 1 and "no previous champion" in refused.stderr
+
+
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("localhost", False), ("::1", False), ("0.0.0.0", True), ("10.1.2.3", True), ("my-box", True)])
+def test_ui_warns_when_it_would_listen_beyond_this_machine(host: str, warned: bool) -> None:
+    from cvops_dagster.cli.commands import exposure_warning
+
+    warning = exposure_warning(host)
+    assert (warning is not None) == warned
+    if warned:
+        assert "no authentication" in warning and host in warning

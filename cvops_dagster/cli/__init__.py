@@ -63,8 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="`dagster dev` on 127.0.0.1 with this workspace")
     add_roots(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the UI has no authentication, "
+        "so any other address is warned about)"
+    )
+    p.add_argument("--port", type=int, default=3000, help="port of the UI (default 3000)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")

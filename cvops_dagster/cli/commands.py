@@ -49,6 +49,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise CvopsError("the `dagster` command is not installed in this environment")
     target = ["-w", "workspace.yaml"] if os.path.exists("workspace.yaml") else ["-m", "cvops_dagster.definitions"]
     command = [dagster, "dev", *target, "-h", args.host, "-p", str(args.port)]
+    if (warning := exposure_warning(args.host)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     print(" ".join(command), flush=True)
     return subprocess.call(command)
 
@@ -111,3 +113,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if bad:
         raise CvopsError(f"{bad} of {len(records)} paths could not be predicted")
     return 0
+
+
+def exposure_warning(host: str) -> str | None:
+    """A warning when the UI would listen beyond this machine: it has no authentication."""
+    import ipaddress
+
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to any interface
+    return (
+        f"cvops: warning: the Dagster UI has no authentication; on {host} anyone who can reach this port can "
+        "launch runs and read every artifact path. Keep it on 127.0.0.1 behind an authenticating proxy or SSH tunnel."
+    )

@@ -66,6 +66,10 @@ class DecodeFailure(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in decode workers and re-raised in the parent: keep reason and detail apart.
+        return (DecodeFailure, (self.reason, self.detail))
+
 
 @dataclass(frozen=True)
 class DecodeConfig:

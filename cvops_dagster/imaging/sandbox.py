@@ -28,15 +28,12 @@ within the time limit, so such a stall costs time, never the run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
-import sys
 import time
-import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -46,9 +43,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pebble import ProcessExpired, ProcessPool
-from PIL import Image, ImageFile
+from PIL import Image
 
 from cvops_dagster.imaging.facts import FACTS_SCHEMA, ChunkResult, decode_chunk, facts_frame, failure_row
+from cvops_dagster.imaging.isolation import forking_single_threaded, init_worker
 from cvops_dagster.imaging.policy import REASON_CRASH, REASON_TIMEOUT, DecodeConfig
 
 logger = logging.getLogger(__name__)
@@ -116,87 +114,6 @@ class _PoolFailed(Exception):
     """The current pool is stuck or broken; the unfinished chunks go to a fresh pool."""
 
 
-def init_worker(config: DecodeConfig) -> None:
-    """Set the limits a decode worker runs under (pebble's pool initializer)."""
-    if config.silence_stderr:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-    # Set once for the worker's life, so code outside decode_image (thumbnails) has them too.
-    warnings.simplefilter("ignore")
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
-    Image.MAX_IMAGE_PIXELS = config.max_pixels
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    single_threaded_numerics()
-    _limit_address_space(config.memory_limit_bytes)
-
-
-def single_threaded_numerics() -> None:
-    """One thread for BLAS/OpenMP (numpy's pHash products) and torch in this process.
-
-    Left as they are, OpenBLAS and torch start a thread per core in every worker, and two
-    workers on two cores would fight over four or more busy threads. Only pools above one
-    thread are touched: a worker forked while the parent held BLAS at one thread (see
-    :func:`decode_files`) is already there, and setting OpenBLAS's thread count in a forked
-    child starts a helper thread that spins for ~0.1 s of CPU (measured).
-    """
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        logger.debug("threadpoolctl not installed; BLAS threads left as they are")
-    else:
-        controller = ThreadpoolController()
-        busy = [info["filepath"] for info in controller.info() if info["num_threads"] > 1]
-        if busy:
-            controller.select(filepath=busy).limit(limits=1)  # for the rest of the process's life
-    torch = sys.modules.get("torch")  # only when the parent had it loaded already
-    if torch is not None:
-        torch.set_num_threads(1)
-
-
-@contextlib.contextmanager
-def _forking_single_threaded(start_method: str) -> Iterator[None]:
-    """BLAS at one thread in this process while workers are forked from it.
-
-    A forked worker inherits the setting, so its BLAS never starts helper threads (see
-    :func:`single_threaded_numerics`). Held for the pool's life: the pool forks a fresh
-    worker whenever one dies.
-    """
-    if start_method != "fork":
-        yield
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-def _limit_address_space(extra_bytes: int) -> None:
-    """Limit this process's address space to its current size plus ``extra_bytes``.
-
-    A decoder asking for more gets a ``MemoryError`` (``out_of_memory``) instead of taking
-    the machine's memory. Relative to the size at start: a forked worker already maps the
-    whole parent.
-    """
-    if not extra_bytes:
-        return
-    try:
-        import resource
-
-        with open("/proc/self/statm") as f:
-            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = current + extra_bytes
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (ImportError, OSError, ValueError):
-        logger.debug("address-space limit not available on this platform")
-
-
 def decode_files(
     items: Sequence[tuple[str, str]],
     out_dir: str | os.PathLike[str],
@@ -234,7 +151,7 @@ def decode_files(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Image.init()  # every Pillow plugin imported once here, not again in each worker
         stats.workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
-        with _forking_single_threaded(config.start_method):
+        with forking_single_threaded(config.start_method):
             run.run()
     facts = facts_frame(run.table())
     facts.insert(0, "key", pd.Series([key for key, _ in items], dtype=object))

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvops_dagster.serving.predictor import ImageLoadError, Predictor, read_image_file
+from cvops_dagster.imaging.isolation import decode_isolated
+from cvops_dagster.imaging.policy import DecodeConfig
+from cvops_dagster.serving.predictor import ImageLoadError, Predictor, read_image_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> Iterator[tuple[str,
 
     ``error`` is ``None`` for a path to read; a folder without image files, or one that cannot be
     listed, yields an entry with its error. Missing paths and non-files are passed through:
-    :func:`~cvops_dagster.serving.predictor.read_image_file` names their reason, the same one it
+    :func:`~cvops_dagster.serving.predictor.read_image_bytes` names their reason, the same one it
     gives any caller.
     """
     for given in paths:
@@ -113,6 +115,7 @@ def predict_paths(
     batch_size: int = 64,
     intra_op_num_threads: int | None = None,
     expected_sha256: str | None = None,
+    isolation: DecodeConfig = DecodeConfig(),
 ) -> list[PathPrediction]:
     """Classify image files and folders of them with a runtime file; one record per file, in order.
 
@@ -126,6 +129,7 @@ def predict_paths(
         batch_size: images decoded and run per session call.
         intra_op_num_threads: ONNX Runtime threads (default: available cores), for a file.
         expected_sha256: the SHA-256 the runtime file must have, for a file.
+        isolation: limits of the decoding worker (per-file time limit, memory limit).
 
     Returns:
         One :class:`PathPrediction` per file found, a bad path as a record with ``error`` set.
@@ -139,18 +143,28 @@ def predict_paths(
         predictor = Predictor(runtime, intra_op_num_threads=intra_op_num_threads, expected_sha256=expected_sha256)
     records: list[PathPrediction] = []
     for chunk in _chunks(expand_paths(paths), batch_size):
-        good_paths, images = [], []
+        read_paths, files = [], []
         outcome: dict[int, PathPrediction] = {}
         for i, (path, error) in enumerate(chunk):
             if error is None:
                 try:
-                    images.append(read_image_file(path))
-                    good_paths.append((i, path))
+                    files.append(read_image_bytes(path))
+                    read_paths.append((i, path))
                     continue
                 except ImageLoadError as exc:
                     error = exc.reason
             logger.info("not predicted: %s: %s", path, error)
             outcome[i] = PathPrediction(path, None, None, error)
+        # Untrusted files are decoded in a worker process with a time and memory limit: a
+        # hostile file costs its own record, never the command.
+        good_paths, images = [], []
+        for (i, path), decoded in zip(read_paths, decode_isolated(files, isolation), strict=True):
+            if decoded.pixels is None:
+                logger.info("not predicted: %s: %s", path, decoded.failure)
+                outcome[i] = PathPrediction(path, None, None, f"cannot decode image: {decoded.failure}")
+            else:
+                good_paths.append((i, path))
+                images.append(decoded.pixels)
         if images:
             result = predictor.predict(images, batch_size=batch_size)
             for (i, path), label, confidence in zip(good_paths, result.labels, result.confidences, strict=True):

@@ -94,16 +94,12 @@ def make_session_options(
     return options
 
 
-def read_image_file(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode one image file through the cleaning decoder.
-
-    :func:`~cvops_dagster.imaging.decode.decode_image` made the training set canonical (EXIF
-    orientation, 16-bit scaling, alpha on the fixed background, first frame), so a served image
-    is seen exactly as a training image was.
+def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file, refusing what is no regular file before any read.
 
     Raises:
         ImageLoadError: the path is missing, not a regular file (a folder, a FIFO that would
-            block the read, a device), unreadable, or not a decodable image; ``reason`` says which.
+            block the read, a device) or unreadable; ``reason`` says which.
     """
     path = Path(path)
     try:
@@ -116,9 +112,23 @@ def read_image_file(path: str | os.PathLike[str]) -> Image.Image:
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise ImageLoadError(path, f"not a file ({kind})")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ImageLoadError(path, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def read_image_file(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode one image file through the cleaning decoder, in this process (trusted files).
+
+    :func:`~cvops_dagster.imaging.decode.decode_image` made the training set canonical (EXIF
+    orientation, 16-bit scaling, alpha on the fixed background, first frame), so a served image
+    is seen exactly as a training image was. Untrusted files go through
+    :func:`~cvops_dagster.serving.file_predictions.predict_paths`, which decodes them isolated.
+
+    Raises:
+        ImageLoadError: see :func:`read_image_bytes`, or not a decodable image.
+    """
+    data = read_image_bytes(path)
     try:
         return decode_image(data).image
     except DecodeFailure as exc:

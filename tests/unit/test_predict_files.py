@@ -218,3 +218,34 @@ def test_publish_refuses_what_it_could_not_vouch_for(tmp_path: Path, change, mes
     with pytest.raises(RuntimeModelError, match=message):
         publish(storage, ServingPointer("m-bad", "ds-test", bad_key, pin))
     assert storage.read_bytes(SERVING_KEY) == before  # the served runtime did not change
+
+
+def test_predict_decodes_untrusted_files_isolated(tmp_path: Path, runtime_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that hangs or kills its decoder costs its own record; the others are predicted."""
+    from cvops_dagster.imaging import isolation
+    from cvops_dagster.imaging.policy import DecodeConfig
+    from cvops_dagster.serving.file_predictions import predict_paths
+
+    monkeypatch.setattr(isolation, "_decode_bytes", _hostile_decode)
+    runtime = runtime_file
+    good = tmp_path / "good.png"
+    Image.new("L", (8, 8), 200).save(good)
+    (tmp_path / "hang.png").write_bytes(b"HANG" + good.read_bytes())
+    (tmp_path / "kill.png").write_bytes(b"KILL" + good.read_bytes())
+    paths = [tmp_path / "hang.png", good, tmp_path / "kill.png", good]
+    records = predict_paths(runtime, paths, isolation=DecodeConfig(task_timeout_s=2.0))
+    assert [r.error is None for r in records] == [False, True, False, True]
+    assert "decode_timeout" in records[0].error and "decoder_crashed" in records[2].error
+
+
+def _hostile_decode(data: bytes, config):  # noqa: ANN001, ANN202 - module level: pebble pickles it
+    """The isolated decoder, except for files that hang or kill their process."""
+    import time
+
+    from cvops_dagster.imaging.decode import decode_image
+
+    if data.startswith(b"HANG"):
+        time.sleep(60)
+    if data.startswith(b"KILL"):
+        os._exit(9)
+    return decode_image(data, config).pixels
