@@ -127,7 +127,7 @@ def upstream(context, asset: str) -> Upstream:  # noqa: ANN001 - any Dagster exe
 
     key = AssetKey(asset)
     records = context.instance.get_records_for_run(
-        context.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION, ascending=False
+        context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION, ascending=False
     ).records
     entry = next((r.event_log_entry for r in records if r.event_log_entry.dagster_event.asset_key == key), None)
     same_run = entry is not None

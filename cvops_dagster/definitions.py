@@ -24,7 +24,6 @@ ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.regi
 ingest_job = define_asset_job(
     "ingest_job",
     selection=AssetSelection.assets("raw_images"),
-    partitions_def=image_batches,
     description="Ingest one landing-zone batch (one image_batches partition).",
 )
 

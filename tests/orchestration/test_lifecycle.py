@@ -291,3 +291,67 @@ def test_rollback_restores_the_previous_champion_end_to_end(tmp_path: Path, monk
     assert repaired.returncode == 0, repaired.stderr
     assert json.loads(pointer.read_text()) == serving
     assert _cvops("predict", *images[:1], cwd=tmp_path, env=env).returncode == 0
+
+
+def test_interleaved_lifecycle_runs_each_keep_one_consistent_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A (dataset V1) is tuning when run B (a new batch: V2) goes through the whole graph.
+    A must go on with its own V1 dataset and study; every card, study and runtime of each run
+    names one chain."""
+    import cvops_dagster.training.tuning as tuning
+
+    landing, artifacts = tmp_path / "landing", tmp_path / "artifacts"
+    write_landing(landing, {"circle": 30, "hbar": 30, "vbar": 30}, batch="b1")
+    with instance_for_test() as instance:
+        monkeypatch.setenv("CVOPS_LANDING", str(landing))
+        monkeypatch.setenv("CVOPS_ARTIFACT_ROOT", str(artifacts))
+        defs = build_definitions()
+        instance.add_dynamic_partitions("image_batches", ["b1"])
+        assert defs.resolve_job_def("ingest_job").execute_in_process(instance=instance, partition_key="b1").success
+
+        real_run_study = tuning.run_study
+        b_results: list = []
+        b_started: list[bool] = []
+
+        def run_study_with_b_in_between(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if not b_started:  # only in run A: run B starts and finishes meanwhile
+                b_started.append(True)
+                write_landing(landing, {"circle": 12, "hbar": 12, "vbar": 12}, batch="b2", size=(24, 20))
+                instance.add_dynamic_partitions("image_batches", ["b2"])
+                assert defs.resolve_job_def("ingest_job").execute_in_process(instance=instance, partition_key="b2").success
+                b_results.append(defs.resolve_job_def("lifecycle_job").execute_in_process(instance=instance, run_config=TINY))
+            return real_run_study(*args, **kwargs)
+
+        monkeypatch.setattr(tuning, "run_study", run_study_with_b_in_between)
+        a = defs.resolve_job_def("lifecycle_job").execute_in_process(instance=instance, run_config=TINY, raise_on_error=False)
+        (b,) = b_results
+        assert b.success
+        chains = {name: _chain(instance, run.run_id) for name, run in (("A", a), ("B", b))}
+
+    a_chain, b_chain = chains["A"], chains["B"]
+    assert a_chain["cleaned_dataset"]["version"] != b_chain["cleaned_dataset"]["version"]
+    for chain in (a_chain, b_chain):
+        version = chain["cleaned_dataset"]["version"]
+        assert chain["hpo_study"]["dataset_version"] == version
+        assert chain["trained_model"]["dataset_version"] == version
+        assert chain["trained_model"]["inputs"]["cleaned_dataset"]["version"] == version
+        assert chain["trained_model"]["inputs"]["hpo_study"]["dataset_version"] == version
+        card = json.loads((artifacts / "models" / chain["trained_model"]["model_id"] / "model_card.json").read_text())
+        assert card["dataset_version"] == version
+        assert chain["production_model"]["challenger_id"] == chain["trained_model"]["model_id"]
+        if chain["onnx_runtime"] is not None and chain["onnx_runtime"].get("published"):
+            assert chain["onnx_runtime"]["model_id"] == chain["production_model"]["target_model_id"]
+    # Inside each run, every step built on what that run produced.
+    assert a_chain["trained_model"]["inputs"]["cleaned_dataset"]["run_id"] == a.run_id
+    assert a_chain["trained_model"]["inputs"]["hpo_study"]["run_id"] == a.run_id
+
+
+def _chain(instance: DagsterInstance, run_id: str) -> dict[str, dict | None]:
+    """Each asset's figures as materialized in run ``run_id``."""
+    from dagster import DagsterEventType
+
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+    chain: dict[str, dict | None] = dict.fromkeys(("cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime"))
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        chain[materialization.asset_key.to_user_string()] = {k: v.value for k, v in materialization.metadata.items()}
+    return chain
