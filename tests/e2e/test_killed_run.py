@@ -68,11 +68,17 @@ def _runs(tmp_path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()[:2]) for line in out.stdout.splitlines()]
 
 
-def test_a_killed_run_is_failed_and_the_next_run_finishes(tmp_path: Path) -> None:
+def _seeded_project(tmp_path: Path) -> Path:
+    """A project folder with the sample batches ingested; returns the small run config."""
     config = tmp_path / "small.yaml"
     config.write_text(SMALL)
     cvops("seed", cwd=tmp_path)
     cvops("run", "--select", "raw_images", cwd=tmp_path)
+    return config
+
+
+def test_a_killed_run_is_failed_and_the_next_run_finishes(tmp_path: Path) -> None:
+    config = _seeded_project(tmp_path)
 
     process, log = _start_run(tmp_path, config)
     _wait_for(log, "started trained_model", process, timeout_s=600)
@@ -107,10 +113,7 @@ def test_a_killed_run_is_failed_and_the_next_run_finishes(tmp_path: Path) -> Non
 
 
 def test_sigterm_stops_cvops_run(tmp_path: Path) -> None:
-    config = tmp_path / "small.yaml"
-    config.write_text(SMALL)
-    cvops("seed", cwd=tmp_path)
-    cvops("run", "--select", "raw_images", cwd=tmp_path)
+    config = _seeded_project(tmp_path)
     process, log = _start_run(tmp_path, config)
     _wait_for(log, "started hpo_study", process, timeout_s=600)
     process.send_signal(signal.SIGTERM)

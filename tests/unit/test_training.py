@@ -16,6 +16,7 @@ from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.training.train import TrainConfig, train_model
 from cvops_dagster.datasets.loading import load_dataset
+from tests.unit.storage_kinds import RemoteLikeStorage
 from tests.unit.synthetic_datasets import DatasetCache, clean_images, digits_images, only_version, shapes_dataset
 
 TINY = {"width": 8, "batch_size": 16, "lr": 0.01}
@@ -167,17 +168,6 @@ def test_train_defaults_are_documented_and_seeded(small_dataset: ArtifactStorage
     b, _ = load_model(small_dataset, second.model_id)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert np.allclose(pa.numpy(), pb.numpy(), atol=1e-5), name
-
-
-class RemoteLikeStorage(ArtifactStorage):
-    """A store that reports itself non-local (no file paths), like S3, backed by a folder."""
-
-    @property
-    def is_local(self) -> bool:
-        return False
-
-    def local_path(self, key: str) -> Path | None:
-        return None
 
 
 def test_remote_store_uses_local_cache_uploads_and_resumes(tmp_path: Path, cleaned_datasets: DatasetCache) -> None:

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.training.tuning import StudyConfig, default_storage_url, make_pruner, open_storage, run_study
+from tests.unit.storage_kinds import RemoteLikeStorage
 from tests.unit.synthetic_datasets import DatasetCache, only_version
 
 SPACE = {"lr": ("float", 1e-3, 2e-2, True), "dropout": ("float", 0.0, 0.3)}
@@ -148,21 +149,10 @@ def test_storage_url_is_redacted_in_results_and_logs(
     assert "hunter2" not in str(result.summary())
 
 
-class _RemoteLike(ArtifactStorage):
-    """A folder-backed store that reports itself remote (like S3)."""
-
-    @property
-    def is_local(self) -> bool:
-        return False
-
-    def local_path(self, key: str) -> Path | None:
-        return None
-
-
 def test_remote_artifact_root_keeps_the_study_in_the_store(
     tmp_path: Path, cleaned_datasets: DatasetCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = _RemoteLike(str(tmp_path / "bucket"), storage_options={"auto_mkdir": True})
+    store = RemoteLikeStorage(str(tmp_path / "bucket"), storage_options={"auto_mkdir": True})
     cleaned_datasets.shapes(store, n_classes=2, per_class=20, size=(12, 12))
     version = only_version(store)
     # Two "machines": different working directories; the study must follow the store.
