@@ -222,10 +222,18 @@ class ArtifactStorage:
             f.write(data)
         return self.uri(key)
 
-    def write_content_addressed(self, prefix: str, data: bytes, ext: str) -> tuple[str, str]:
-        """Store ``data`` once under ``<prefix>/<sha256>.<ext>``; return (sha256, key)."""
+    def write_content_addressed(
+        self, prefix: str, data: bytes, ext: str, known: set[str] | None = None
+    ) -> tuple[str, str]:
+        """Store ``data`` once under ``<prefix>/<sha256>.<ext>``; return (sha256, key).
+
+        ``known``: keys already listed as present (see :meth:`list`); a key in it is not
+        looked up again, so a batch of writes costs one listing instead of a request each.
+        """
         digest = sha256_bytes(data)
         key = f"{prefix.strip('/')}/{digest}.{ext.lstrip('.').lower()}" if ext else f"{prefix}/{digest}"
+        if known is not None and key in known:
+            return digest, key
         if not self.exists(key):
             self.write_bytes(key, data)
         return digest, key

@@ -85,15 +85,19 @@ def decode_keys(
         items = [(key, storage.uri(key)) for key in keys]  # a local file's path; validates each key
     else:
         assert scratch is not None, "a remote storage needs a scratch folder"
-        items = []
-        for n, key in enumerate(keys):
+        (scratch / "raw").mkdir(parents=True, exist_ok=True)
+
+        def stage(numbered: tuple[int, str]) -> tuple[str, str]:
+            n, key = numbered
             target = scratch / "raw" / str(n)
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 target.write_bytes(storage.read_bytes(key))
             except FileNotFoundError:
                 pass  # the worker reports the missing file as `missing_image`
-            items.append((key, str(target)))
+            return key, str(target)
+
+        # Downloads overlap on a bounded thread pool (one GET each).
+        items = storage.map_transfers(stage, list(enumerate(keys)))
     return decode_files(items, output_dir(storage, scratch), config, workers, keep_pixels_up_to=keep_pixels_up_to)
 
 

@@ -122,9 +122,11 @@ def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) 
     previous = _previous_times(storage, key)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     storage.remove_stale_temporaries(IMAGES_PREFIX)  # left by a killed earlier ingestion
+    # On an object store one listing says which images exist, instead of a HEAD per file.
+    known = None if storage.is_local else set(storage.list(IMAGES_PREFIX))
 
     def ingest_entry(entry: BatchEntry) -> dict[str, object]:
-        row = _entry_row(landing, storage, batch_id, entry)
+        row = _entry_row(landing, storage, batch_id, entry, known)
         row["ingested_at"] = previous.get((str(row["record_id"]), row["sample_id"]), now)  # type: ignore[arg-type]
         return row
 
@@ -168,7 +170,9 @@ class MissingManifestError(FileNotFoundError):
     """A batch that should be part of a dataset has no raw manifest."""
 
 
-def _entry_row(landing: LandingZone, storage: ArtifactStorage, batch_id: str, entry: BatchEntry) -> dict[str, object]:
+def _entry_row(
+    landing: LandingZone, storage: ArtifactStorage, batch_id: str, entry: BatchEntry, known: set[str] | None
+) -> dict[str, object]:
     """One manifest row: the entry copied into content-addressed storage, or why it was not."""
     row: dict[str, object] = {
         "record_id": f"{batch_id}/{entry.path}",
@@ -191,6 +195,6 @@ def _entry_row(landing: LandingZone, storage: ArtifactStorage, batch_id: str, en
         row["reason"] = REJECT_UNREADABLE
         return row
     ext = safe_extension(entry.path)
-    sample_id, image_key = storage.write_content_addressed(IMAGES_PREFIX, data, ext)
+    sample_id, image_key = storage.write_content_addressed(IMAGES_PREFIX, data, ext, known)
     row.update(status=STATUS_INGESTED, reason=None, sample_id=sample_id, image_key=image_key, ext=ext, size_bytes=len(data))
     return row
