@@ -73,6 +73,8 @@ def _check_graph_end_to_end(instance: DagsterInstance, landing: Path, artifacts:
     assert cleaned["mode"] == "RGB"
     trained = status["trained_model"]
     assert trained["test_accuracy"] > 1 / 3  # better than chance on three classes
+    # torch threads are set on purpose per step and recorded.
+    assert trained["torch_threads"] >= 1 and status["hpo_study"]["torch_threads"] >= 1
     assert trained["dataset_version"] == cleaned["version"]
     assert trained["baseline_accuracy"] is not None
     production = status["production_model"]

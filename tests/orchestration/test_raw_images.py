@@ -129,3 +129,19 @@ def test_unreadable_file_is_rejected_not_fatal(tmp_path: Path, monkeypatch: pyte
     manifest = ArtifactStorage(str(artifacts)).read_parquet(raw_manifest_key("b1"))
     row = manifest.set_index("path").loc["dog/ok2.png"]
     assert row["status"] == "rejected" and row["reason"] == "unreadable"
+
+
+def test_a_missing_raw_manifest_fails_cleaning_instead_of_shrinking_the_dataset(tmp_path: Path) -> None:
+    from cvops_dagster.ingestion.ingest import MissingManifestError, read_raw_manifests
+
+    landing, artifacts = tmp_path / "landing", tmp_path / "artifacts"
+    make_hostile_batch(landing, "b1")
+    make_hostile_batch(landing, "b2")
+    store = ArtifactStorage(str(artifacts))
+    with instance_for_test() as instance:
+        ingest(landing, artifacts, instance, "b1")
+        ingest(landing, artifacts, instance, "b2")
+    assert len(read_raw_manifests(store, batch_ids=["b1", "b2"])) > 0
+    store.delete(raw_manifest_key("b2"))
+    with pytest.raises(MissingManifestError, match=r"\['b2'\].*materialize raw_images"):
+        read_raw_manifests(store, batch_ids=["b1", "b2"])
