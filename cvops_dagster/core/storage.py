@@ -167,6 +167,10 @@ class ArtifactStorage:
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` (recursively), sorted, relative to the root."""
         base = self._base if not prefix.strip("/") else self._path(prefix.strip("/"))
+        if not self.is_local:
+            # s3fs keeps listings it has seen (per process, shared by every instance with the
+            # same settings); a stale one would hide objects written since.
+            self.fs.invalidate_cache(base)
         if not self.fs.exists(base):
             return []
         found = self.fs.find(base)

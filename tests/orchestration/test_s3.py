@@ -99,3 +99,14 @@ def test_raw_images_from_s3_landing_to_s3_artifacts(endpoint: str) -> None:
     assert reasons["dog/empty.png"] == "empty_file"
     assert reasons["cat/../../escape.png"] == "path_escapes_batch"
     assert len(store.list("images")) == 2
+
+
+def test_listing_sees_objects_written_by_another_client_after_an_earlier_listing(endpoint: str) -> None:
+    """Ingestion trusts one listing to skip existing images: it must never be a stale one."""
+    store = ArtifactStorage("s3://cvops/fresh-listing", endpoint_url=endpoint)
+    store.write_bytes("images/a.png", b"a")
+    assert store.list("images") == ["images/a.png"]
+    other = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    other.put_object(Bucket="cvops", Key="fresh-listing/images/b.png", Body=b"b")
+    other.delete_object(Bucket="cvops", Key="fresh-listing/images/a.png")
+    assert store.list("images") == ["images/b.png"]
