@@ -256,14 +256,29 @@ def _threads_after_blas(key: str) -> None:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="thread count read from Linux /proc")
 @pytest.mark.parametrize("matmul_in_parent", [False, True])
-def test_workers_compute_on_one_thread(tmp_path, monkeypatch, matmul_in_parent: bool) -> None:
+def test_workers_compute_on_one_thread(tmp_path, matmul_in_parent: bool) -> None:
     """A worker keeps one thread through its BLAS products, whatever the parent's BLAS was
-    doing (busy BLAS threads in every worker would fight the other workers)."""
-    if matmul_in_parent:  # BLAS threads already running in the parent
-        _ = np.ones((512, 512)) @ np.ones((512, 512))
-    monkeypatch.setattr(facts_module, "_ITEM_HOOK", _threads_after_blas)
+    doing (busy BLAS threads in every worker would fight the other workers).
+
+    The parent is a fresh interpreter, like a Dagster step process: what earlier tests loaded
+    into this one (torch's thread pools) is not what a cleaning step forks from."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     report = tmp_path / "threads"
-    decode_files([(str(report), str(tmp_path / "absent"))], tmp_path / "out", DecodeConfig(), workers=1)
+    code = (
+        "import numpy as np\n"
+        + ("_ = np.ones((512, 512)) @ np.ones((512, 512))\n" if matmul_in_parent else "")
+        + "from cvops_dagster.imaging import facts\n"
+        "from cvops_dagster.imaging.policy import DecodeConfig\n"
+        "from cvops_dagster.imaging.sandbox import decode_files\n"
+        "from tests.unit.test_sandbox import _threads_after_blas\n"
+        "facts._ITEM_HOOK = _threads_after_blas\n"
+        f"decode_files([({str(report)!r}, {str(tmp_path / 'absent')!r})], {str(tmp_path / 'out')!r}, DecodeConfig(), workers=1)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=120)
     assert report.read_text() == "1"
 
 
