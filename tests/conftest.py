@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,13 +10,9 @@ import pytest
 if TYPE_CHECKING:
     from tests.unit.synthetic_datasets import DatasetCache
 
-for _name, _value in {
-    "FIFTYONE_DO_NOT_TRACK": "true",
-    "FIFTYONE_DATABASE_VALIDATION": "false",
-    "GX_ANALYTICS_ENABLED": "false",
-    "DAGSTER_DISABLE_TELEMETRY": "1",
-}.items():
-    os.environ.setdefault(_name, _value)
+from cvops_dagster.core.settings import disable_telemetry
+
+disable_telemetry()  # the one list of switches (core/settings.py), before anything imports them
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PILLOW_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "pillow-test-images"
