@@ -69,7 +69,8 @@ def image_batches_sensor(context: SensorEvaluationContext, image_source: ImageSo
                 if batch_id not in known:
                     new_partitions.append(batch_id)
         elif (retry := _retry_if_failed(context, batch_id, entry)) is not None:
-            requests.append(retry)
+            seen[batch_id], request = retry
+            requests.append(request)
     cursor = json.dumps({"batches": seen, "full_scan_at": now if full_scan else state.get("full_scan_at", 0.0)}, sort_keys=True)
     if not requests:
         return SensorResult(skip_reason="no new, changed or failed complete batch", cursor=cursor)
@@ -106,8 +107,11 @@ def _request(batch_id: str, entry: dict[str, Any]) -> tuple[dict[str, Any], RunR
     return updated, RunRequest(run_key=run_key, partition_key=batch_id, tags={BATCH_TAG: batch_id})
 
 
-def _retry_if_failed(context: SensorEvaluationContext, batch_id: str, entry: dict[str, Any]) -> RunRequest | None:
-    """Request the batch again when the run it last requested failed (bounded attempts)."""
+def _retry_if_failed(
+    context: SensorEvaluationContext, batch_id: str, entry: dict[str, Any]
+) -> tuple[dict[str, Any], RunRequest] | None:
+    """The batch's new cursor entry and a new request when the run it last requested failed
+    (bounded attempts); ``None`` otherwise."""
     run_key = entry.get("run_key")
     if not run_key or int(entry.get("attempts", 0)) >= MAX_ATTEMPTS:
         return None
@@ -115,9 +119,8 @@ def _retry_if_failed(context: SensorEvaluationContext, batch_id: str, entry: dic
     if not runs or runs[0].status != DagsterRunStatus.FAILURE:
         return None
     updated, request = _request(batch_id, entry)
-    entry.update(updated)  # the caller's cursor entry
     context.log.info(f"batch {batch_id}: run for {run_key} failed; requesting it again ({updated['attempts']}/{MAX_ATTEMPTS})")
-    return request
+    return updated, request
 
 
 def _ingested_fingerprint(context: SensorEvaluationContext, batch_id: str) -> str | None:

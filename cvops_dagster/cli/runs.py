@@ -253,11 +253,10 @@ def reap_dead_runs(instance: Any) -> list[str]:
     Returns:
         One line per run failed or slot freed, for the user.
     """
-    from dagster import DagsterRunStatus, RunsFilter
+    from dagster import RunsFilter
 
     lines = []
-    unfinished = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
-    for run in instance.get_runs(filters=RunsFilter(statuses=unfinished)):
+    for run in instance.get_runs(filters=RunsFilter(statuses=_unfinished())):
         if process_is_gone(run.tags) is True:
             instance.report_run_failed(
                 run, f"its cvops process (pid {run.tags.get('cvops/pid')}) is gone: killed or crashed; failed by a later cvops command"
@@ -317,13 +316,19 @@ def _abandon_after_grace(instance_getter: Callable[[], Any], signum: int) -> Non
 
     time.sleep(float(os.environ.get(STOP_GRACE_ENV) or STOP_GRACE_S))
     try:
-        from dagster import DagsterRunStatus, RunsFilter
+        from dagster import RunsFilter
 
         instance = instance_getter()
         mine = {"cvops/pid": str(os.getpid())}
-        unfinished = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
-        for run in instance.get_runs(filters=RunsFilter(tags=mine, statuses=unfinished)):
+        for run in instance.get_runs(filters=RunsFilter(tags=mine, statuses=_unfinished())):
             instance.report_run_canceled(run, f"cvops stopped by signal {signum}")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
     finally:
         os._exit(128 + signum)
+
+
+def _unfinished() -> list[Any]:
+    """Run statuses of a run some process still owns (Dagster imported on use)."""
+    from dagster import DagsterRunStatus
+
+    return [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]

@@ -135,7 +135,8 @@ class ArtifactStorage:
         Each call of ``fn`` moves whole objects (a GET, a HEAD, a PUT); on S3 these are
         round trips that overlap well, on a folder they are faster one by one.
         """
-        if not (not self.is_local if remote is None else remote):
+        overlap = (not self.is_local) if remote is None else remote
+        if not overlap:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(max_workers=TRANSFER_THREADS, thread_name_prefix="cvops-transfer") as pool:
             return list(pool.map(fn, items))

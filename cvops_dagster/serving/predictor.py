@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from cvops_dagster.core.settings import available_cpus
 from cvops_dagster.imaging.decode import decode_image
 from cvops_dagster.imaging.policy import DecodeFailure
 from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
@@ -62,11 +63,8 @@ class ImageLoadError(ValueError):
 
 
 def default_num_threads() -> int:
-    """The cores this process may run on (respects CPU affinity/cgroup pinning where known)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (respects CPU affinity pinning where known)."""
+    return max(1, available_cpus())
 
 
 def make_session_options(

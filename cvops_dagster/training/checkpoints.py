@@ -86,6 +86,11 @@ def _replace_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def pending_sidecar(digest: str, previous: list[str]) -> str:
+    """The sidecar text written before a checkpoint replaces ``previous``: both hashes accepted."""
+    return "\n".join([digest, *previous[:1]]) + "\n"
+
+
 def write_checkpoint_atomically(data: bytes, target: Path) -> None:
     """Write checkpoint bytes and their sidecar so a crash at any point leaves a loadable pair.
 
@@ -96,13 +101,13 @@ def write_checkpoint_atomically(data: bytes, target: Path) -> None:
     """
     digest = hashlib.sha256(data).hexdigest()
     sidecar = sidecar_path(target)
-    previous = read_sidecar(sidecar)[:1] if sidecar.is_file() else []
+    previous = read_sidecar(sidecar) if sidecar.is_file() else []
     tmp = target.with_name(f".tmp-{target.name}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    _replace_text(sidecar, "\n".join([digest, *previous]) + "\n")
+    _replace_text(sidecar, pending_sidecar(digest, previous))
     tmp.replace(target)
     _replace_text(sidecar, digest + "\n")
 
@@ -250,10 +255,10 @@ class CheckpointFolder:
         relative = path.resolve().relative_to(self.path.resolve()).as_posix()
         key, sidecar_key = f"{self.prefix}/{relative}", f"{self.prefix}/{relative}{SIDECAR_SUFFIX}"
         digest = sidecar_path(path).read_text().split()[0]
-        previous = self.storage.read_bytes(sidecar_key).decode().split()[:1] if self.storage.exists(sidecar_key) else []
+        previous = self.storage.read_bytes(sidecar_key).decode().split() if self.storage.exists(sidecar_key) else []
         # The same order as write_checkpoint_atomically: a crash between the uploads leaves a
         # pair the next machine can resume from.
-        self.storage.write_bytes(sidecar_key, ("\n".join([digest, *previous]) + "\n").encode())
+        self.storage.write_bytes(sidecar_key, pending_sidecar(digest, previous).encode())
         self.storage.write_bytes(key, path.read_bytes())
         self.storage.write_bytes(sidecar_key, (digest + "\n").encode())
 

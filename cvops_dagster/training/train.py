@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -44,6 +42,7 @@ from cvops_dagster.training.evaluation import (
 from cvops_dagster.training.model_store import ModelIntegrityError, SavedModel, load_model, model_keys, save_model
 from cvops_dagster.training.models import build_classifier
 from cvops_dagster.imaging.preprocessing import InputSpec, preprocess
+from cvops_dagster.core.settings import step_threads
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.datasets.loading import LoadedDataset, load_dataset
 from cvops_dagster.training.datamodule import ImageDataModule
@@ -138,9 +137,7 @@ class TrainResult:
 def torch_threads(n: int | None) -> Iterator[int]:
     """Set torch's intra-op thread count for a block (restored afterwards)."""
     previous = torch.get_num_threads()
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = n or available
-    torch.set_num_threads(max(1, int(wanted)))
+    torch.set_num_threads(step_threads(n))
     try:
         yield torch.get_num_threads()
     finally:

@@ -122,3 +122,14 @@ def exported_bytes() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         storage, key = export_trained(tmp)
         return Path(storage.local_path(key)).read_bytes()
+
+
+def flip_weight_byte(data: bytes) -> bytes:
+    """``data`` (a serialized ONNX model) with one byte of its largest weight tensor flipped:
+    still a loadable model, but no longer the one its integrity seal was made for."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    largest = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    offset = data.find(largest.raw_data) + len(largest.raw_data) // 2
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]

@@ -25,7 +25,7 @@ from cvops_dagster.serving.pointer import (
 from cvops_dagster.serving.predictor import ImageLoadError, Predictor, read_image_file
 from cvops_dagster.serving.runtime_checks import load_runtime_model, stamp_runtime_model
 from cvops_dagster.serving.runtime_file import RuntimeMetadata, RuntimeModelError
-from tests.unit.onnx_testkit import exported_bytes, publish_trained, trained_case
+from tests.unit.onnx_testkit import exported_bytes, flip_weight_byte, publish_trained, trained_case
 
 
 @pytest.fixture
@@ -174,13 +174,6 @@ def test_publish_pins_checked_files_and_production_runtime_reads_the_pin(tmp_pat
         production_runtime(ArtifactStorage(str(tmp_path / "empty")))
 
 
-def _tamper_weights(data: bytes) -> bytes:
-    model = onnx.load_from_string(data)
-    largest = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-    offset = data.find(largest.raw_data) + len(largest.raw_data) // 2
-    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
-
-
 def _externalize(data: bytes) -> bytes:
     """The largest tensor moved to ``weights.bin`` beside the file, and the file resealed: a valid
     runtime by every check, but one whose weights a pin on the file would not cover."""
@@ -199,7 +192,7 @@ def _externalize(data: bytes) -> bytes:
     ("change", "message"),
     [
         (lambda d: d, "differs from the expected"),  # the pin is not this file's hash
-        (_tamper_weights, "integrity check failed"),  # the pin is right, the seal is broken
+        (flip_weight_byte, "integrity check failed"),  # the pin is right, the seal is broken
         (_externalize, "external data"),  # the pin could not cover the weights
     ],
     ids=["wrong_pin", "broken_seal", "external_data"],

@@ -20,7 +20,7 @@ from cvops_dagster.serving.predictor import ImageLoadError, Predictor, default_n
 from cvops_dagster.serving.runtime_checks import check_external_data, stamp_runtime_model
 from cvops_dagster.serving.runtime_file import RuntimeMetadata, RuntimeModelError
 from cvops_dagster.bench.runtime import run_runtime_benchmark
-from tests.unit.onnx_testkit import LABELS, SPEC, exported_bytes, torch_outputs, trained_case
+from tests.unit.onnx_testkit import LABELS, SPEC, exported_bytes, flip_weight_byte, torch_outputs, trained_case
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,13 +145,6 @@ def test_session_threads_and_spinning(runtime_file):
 # ------------------------------------------------------------------ refusals
 
 
-def _flip_weight_byte(data: bytes) -> bytes:
-    model = onnx.load_from_string(data)
-    largest = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-    offset = data.find(largest.raw_data) + len(largest.raw_data) // 2
-    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
-
-
 def _relabel(data: bytes) -> bytes:
     model = onnx.load_from_string(data)
     for prop in model.metadata_props:
@@ -180,7 +173,7 @@ def _broken_graph_resealed(data: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        (_flip_weight_byte, "integrity check failed"),
+        (flip_weight_byte, "integrity check failed"),
         (_relabel, "integrity check failed"),
         (lambda d: d[: len(d) // 2], "corrupted or truncated"),
         (lambda d: d[:-7], "corrupted or truncated|integrity"),
