@@ -1,8 +1,11 @@
 """The ``cvops`` command line: seed, run, status, demo, ui, predict, rollback and the benchmarks.
 
-Every command runs against the configured Dagster instance (``$DAGSTER_HOME``, default
-``./.dagster_home``), so what it materializes shows in the Dagster UI. This module holds the
-parser and the entry point; the commands live beside it (``runs``, ``status``, ``commands``).
+Every command works from any folder of the project: the project is ``$CVOPS_HOME``, else the
+nearest folder upwards holding a ``workspace.yaml`` that loads ``cvops_dagster.definitions``; the
+Dagster instance (``<project>/.dagster_home``), the landing zone and the artifact root default
+to folders of it (see :mod:`cvops_dagster.core.settings`), so what a command materializes shows
+in the Dagster UI. This module holds the parser and the entry point; the commands live beside
+it (``runs``, ``status``, ``commands``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cvops_dagster.cli.commands import cmd_bench, cmd_demo, cmd_predict, cmd_seed, cmd_ui
+from cvops_dagster.cli.commands import cmd_bench, cmd_demo, cmd_predict, cmd_seed, cmd_ui, cmd_watch
 from cvops_dagster.cli.common import CvopsError, apply_overrides, instance_only
 from cvops_dagster.cli.runs import cmd_rollback, cmd_run, install_stop_handlers
 from cvops_dagster.cli.status import cmd_status, collect_status
@@ -27,22 +30,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvops",
         description="CVOps on Dagster: ingest image batches, clean, tune, train, promote and export. "
-        f"Environment: {settings.LANDING_ENV} (default {settings.DEFAULT_LANDING}), "
-        f"{settings.ARTIFACT_ROOT_ENV} (default {settings.DEFAULT_ARTIFACT_ROOT}), "
-        f"{settings.S3_ENDPOINT_ENV}, {settings.DAGSTER_HOME_ENV} (default {settings.DEFAULT_DAGSTER_HOME}).",
+        "Works from any folder of the project: the project is $CVOPS_HOME, else the nearest folder upwards "
+        "holding a workspace.yaml that loads cvops_dagster.definitions (outside any project: the current folder). "
+        f"Environment (each wins over the project default): {settings.LANDING_ENV} (default <project>/{settings.LANDING_DIR}), "
+        f"{settings.ARTIFACT_ROOT_ENV} (default <project>/{settings.ARTIFACT_DIR}), "
+        f"{settings.DAGSTER_HOME_ENV} (default <project>/{settings.DAGSTER_HOME_DIR}), {settings.S3_ENDPOINT_ENV}; "
+        "a relative path in them is relative to the current folder.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_landing(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--landing",
+            metavar="URI",
+            help=f"landing zone folder or s3:// URL (overrides ${settings.LANDING_ENV}; "
+            f"default <project>/{settings.LANDING_DIR})",
+        )
+
+    def add_artifacts(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--artifacts",
+            metavar="URI",
+            help=f"artifact root folder or s3:// URL (overrides ${settings.ARTIFACT_ROOT_ENV}; "
+            f"default <project>/{settings.ARTIFACT_DIR})",
+        )
 
     def add_roots(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--landing", metavar="URI", help=f"landing zone folder or s3:// URL (overrides ${settings.LANDING_ENV})")
-        p.add_argument("--artifacts", metavar="URI", help=f"artifact root folder or s3:// URL (overrides ${settings.ARTIFACT_ROOT_ENV})")
+        add_landing(p)
+        add_artifacts(p)
 
     p = sub.add_parser("seed", help="write the bundled sample digits into the landing zone as three batches")
-    add_roots(p)
+    add_landing(p)
     p.set_defaults(func=cmd_seed)
 
-    p = sub.add_parser("run", help="materialize the asset graph over every complete batch, in process")
+    p = sub.add_parser("run", help="materialize the asset graph over every complete batch, with progress")
     add_roots(p)
     p.add_argument("--select", metavar="SELECTION", help='Dagster asset selection, e.g. "raw_images+" (default: everything)')
     p.add_argument(
@@ -53,26 +75,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="latest figures per asset (from the Dagster instance in $DAGSTER_HOME)")
-    p.add_argument("--json", action="store_true", help="print one JSON object, one key per asset")
+    p = sub.add_parser(
+        "status",
+        help="latest figures and checks per asset, in lifecycle order, with what to do next",
+        description="Read-only: the project's Dagster instance (never created here), the roots in use, then per asset "
+        "its key figures, its checks' latest results and, for what is missing or failed, the next step.",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object, one key per asset (its figures and its checks' results)"
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="seed (if the landing zone is empty) + run + where to look")
     add_roots(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ui", help="`dagster dev` on 127.0.0.1 with this workspace")
+    p = sub.add_parser(
+        "ui", help="`dagster dev` on 127.0.0.1 with this workspace (UI + daemon) until Ctrl-C or SIGTERM, which stop all of it within 15 s"
+    )
     add_roots(p)
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the UI has no authentication, "
-        "so any other address is warned about)"
+        "--host",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address the UI listens on (default 127.0.0.1; it has no authentication, so any other address is warned about)",
     )
-    p.add_argument("--port", type=int, default=3000, help="port of the UI (default 3000)")
+    p.add_argument("--port", type=int, default=3000, metavar="N", help="port the UI listens on (default 3000)")
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")
+    p = sub.add_parser(
+        "watch",
+        help="the Dagster daemon alone, headless (sensors, automation, the run queue) until Ctrl-C or SIGTERM, "
+        "which stop all of it within 15 s",
+    )
     add_roots(p)
-    p.add_argument("name", choices=["cleaning", "training", "runtime"])
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")
+    add_artifacts(p)
+    p.add_argument(
+        "name",
+        choices=["cleaning", "training", "runtime"],
+        help="cleaning and training: on data generated in a temporary folder; runtime: the production runtime "
+        "under the artifact root",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
     p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3)")
     p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
@@ -98,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "images) is reported on stderr with its reason while the others are still predicted; "
         "the exit status is then 1.",
     )
-    add_roots(p)
+    add_artifacts(p)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of them")
     p.add_argument("--int8", action="store_true", help="use the INT8 runtime (when it was accepted)")
     p.add_argument(
@@ -111,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "rollback",
         help="restore the previous production model and serve its runtime (the rollback_job)",
-        description="Run the rollback_job in process: production_model decides to restore the previous champion, "
+        description="Run the rollback_job: production_model decides to restore the previous champion, "
         "onnx_runtime publishes it with that model's runtime, reused when its files still verify, else rebuilt.",
     )
-    add_roots(p)
+    add_artifacts(p)
     p.add_argument(
         "--no-export", action="store_true", help="serve the runtime already built for the restored model; fail if there is none"
     )
@@ -128,10 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose and args.command in ("run", "demo", "bench"):
         _quiet_libraries(trains=args.command != "bench" or args.name != "cleaning")
-    apply_overrides(args)
-    if args.command in ("run", "demo", "rollback"):
-        install_stop_handlers(instance_only)
     try:
+        args.roots = apply_overrides(args)  # resolved once, before the environment is exported
+        if args.command in ("run", "demo", "rollback"):
+            install_stop_handlers(instance_only)
         return int(args.func(args) or 0)
     except CvopsError as exc:
         print(f"cvops: error: {exc}", file=sys.stderr)

@@ -1,12 +1,10 @@
-"""``cvops seed``, ``demo``, ``ui``, ``bench`` and ``predict``."""
+"""``cvops seed``, ``demo``, ``ui``, ``watch``, ``bench`` and ``predict``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 from cvops_dagster.cli.common import CvopsError, artifact_storage, landing_zone
@@ -41,18 +39,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workspace_target() -> list[str]:
+    """Dagster's workspace options: the project's workspace.yaml, else the module itself."""
+    from cvops_dagster.cli.launch import LOCATION_NAME, project_directory
+
+    workspace = os.path.join(project_directory(), "workspace.yaml")
+    return ["-w", workspace] if os.path.exists(workspace) else ["-m", LOCATION_NAME]
+
+
+def _end_stopped_runs(service: str):  # noqa: ANN202 - a callback for run_service
+    def after_stop(pids: set[int]) -> None:
+        from cvops_dagster.cli.common import instance_only
+        from cvops_dagster.cli.runs import end_runs_of_stopped_workers
+
+        for line in end_runs_of_stopped_workers(instance_only(), pids, f"{service} was stopped while this run executed"):
+            print(f"cvops: {line}", file=sys.stderr, flush=True)
+
+    return after_stop
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """``dagster dev`` (webserver + daemon) on this instance and workspace, until stopped."""
+    from cvops_dagster.cli.services import dagster_command, run_service
+
     settings.disable_telemetry()
     ensure_dagster_home()
-    dagster = shutil.which("dagster", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if dagster is None:
-        raise CvopsError("the `dagster` command is not installed in this environment")
-    target = ["-w", "workspace.yaml"] if os.path.exists("workspace.yaml") else ["-m", "cvops_dagster.definitions"]
-    command = [dagster, "dev", *target, "-h", args.host, "-p", str(args.port)]
     if (warning := exposure_warning(args.host)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    print(" ".join(command), flush=True)
-    return subprocess.call(command)
+    print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it and everything it started)", flush=True)
+    command = dagster_command("dev", *_workspace_target(), "-h", args.host, "-p", str(args.port))
+    return run_service(command, "the Dagster UI", after_stop=_end_stopped_runs("cvops ui"))
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """The Dagster daemon alone, headless: sensors, automation and the run queue, until stopped."""
+    from cvops_dagster.cli.services import run_service
+
+    settings.disable_telemetry()
+    ensure_dagster_home()
+    print("Dagster daemon: sensors, automation and the run queue (Ctrl-C or SIGTERM stops it)", flush=True)
+    # `python -m dagster._daemon` is what `dagster-daemon` and `dagster dev` run.
+    command = [sys.executable, "-m", "dagster._daemon", "run", *_workspace_target()]
+    return run_service(command, "the Dagster daemon", after_stop=_end_stopped_runs("cvops watch"))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,4 +1,8 @@
-"""``cvops run`` and ``cvops rollback``: jobs executed in process against the instance, with progress.
+"""``cvops run`` and ``cvops rollback``: runs of the code location's jobs, with progress.
+
+Runs are created through the code location, so the UI shows them on the Overview and their
+job's page, and are executed in this process or, when a daemon serves the instance, queued
+for it (see :mod:`cvops_dagster.cli.launch`).
 
 Before a run starts, runs an earlier ``cvops`` process left behind (killed, crashed) are
 failed and their pool slots freed; a step that must wait for the ``training`` pool says whose
@@ -27,19 +31,23 @@ POOL_POLL_S = 5.0
 STOP_GRACE_S = 15.0
 STOP_GRACE_ENV = "CVOPS_STOP_GRACE_S"
 
-PROGRESS_EVENTS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION")
+PROGRESS_EVENTS = ("RUN_DEQUEUED", "STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION")
 
 
 class _Progress:
-    """Prints a run's step and materialization events as they land in the instance."""
+    """Prints a run's step and materialization events as they land in the instance.
 
-    def __init__(self, instance: Any, label: str) -> None:
+    ``owned`` runs execute in this process and carry its identity (so a later command can
+    tell when it was killed); a run handed to the daemon's queue does not.
+    """
+
+    def __init__(self, instance: Any, label: str, owned: bool = True) -> None:
         import uuid
 
         self.instance = instance
         self.label = label
         #: Tagged onto the run this display follows, so runs the daemon starts meanwhile are not shown.
-        self.tags = {"cvops/invocation": uuid.uuid4().hex, **process_identity()}
+        self.tags = {"cvops/invocation": uuid.uuid4().hex, **(process_identity() if owned else {})}
         self.started = time.time()
         self._stop = threading.Event()
         self._cursor: str | None = None
@@ -70,7 +78,7 @@ class _Progress:
     def _poll_once(self) -> None:
         from dagster import DagsterEventType, RunsFilter
 
-        runs = self.instance.get_runs(RunsFilter(tags=self.tags), limit=1)
+        runs = self.instance.get_runs(RunsFilter(tags={"cvops/invocation": self.tags["cvops/invocation"]}), limit=1)
         if not runs:
             return
         types = {getattr(DagsterEventType, name) for name in PROGRESS_EVENTS}
@@ -95,6 +103,8 @@ class _Progress:
             print(f"  {elapsed:6.1f}s  FAILED {event.step_key}: {message}", flush=True)
         elif name == "STEP_START":
             print(f"  {elapsed:6.1f}s  started {event.step_key}", flush=True)
+        elif name == "RUN_DEQUEUED":
+            print(f"  {elapsed:6.1f}s  dequeued by the Dagster daemon", flush=True)
 
 
 # Progress comes from _Progress; failures are summarised by _root_cause and the full
@@ -112,26 +122,53 @@ def _root_cause(error: Any) -> str:
     return lines[-1] if lines else error.cls_name or "unknown error"
 
 
-def _failure_message(result: Any) -> str:
-    failures = []
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            failures.append(f"{event.step_key}: {_root_cause(event.event_specific_data.error)}")
-    return "; ".join(failures) or "run failed"
+def _failure_message(instance: Any, run_id: str) -> str:
+    """Why a run failed, in one line: its step failures, else its run-level failure message."""
+    from dagster import DagsterEventType
+
+    steps = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records
+    failures = [f"{r.event_log_entry.dagster_event.step_key}: {_root_cause(r.event_log_entry.dagster_event.event_specific_data.error)}" for r in steps]
+    if failures:
+        return "; ".join(failures)
+    ends = instance.get_records_for_run(run_id, of_type={DagsterEventType.RUN_FAILURE, DagsterEventType.RUN_CANCELED}).records
+    for record in ends:
+        data = record.event_log_entry.dagster_event.event_specific_data
+        error = getattr(data, "error", None)
+        return _root_cause(error) if error is not None else (record.event_log_entry.dagster_event.message or "run failed")
+    return "run failed"
+
+
+def _launch(
+    launcher: Any, queued: bool, label: str, job_name: str, run_config: dict[str, Any], **selection: Any
+) -> Any:
+    """Create one run through the code location, execute it (here, or via the daemon's queue
+    when ``queued``) with progress shown, and return the finished run."""
+    from cvops_dagster.cli.launch import IN_PROCESS_EXECUTION
+
+    config = {**_QUIET_LOGS, **run_config} if queued else {**_QUIET_LOGS, **IN_PROCESS_EXECUTION, **run_config}
+    with _Progress(launcher.instance, label, owned=not queued) as progress:
+        run = launcher.create_run(job_name, run_config=config, tags=progress.tags, **selection)
+        if queued:
+            print(f"  queued as run {run.run_id} for the Dagster daemon serving this instance", flush=True)
+            return launcher.submit(run)
+        return launcher.execute_here(run)
 
 
 def run_lifecycle(
     select: str | None = None, echo: Callable[[str], None] = print, run_config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Materialize the graph (or a selection) over every complete batch, in process.
+    """Materialize the graph (or a selection) over every complete batch.
 
     Raw batches run one ``ingest_job`` partition run each; everything downstream runs in one
-    ``lifecycle_job`` run, so a blocking check failure stops the assets after it.
-    ``run_config`` is Dagster run config for that run (e.g. ``{"ops": {"hpo_study": {"config":
-    {"n_trials": 2}}}}``).
+    ``lifecycle_job`` run, so a blocking check failure stops the assets after it. Runs are
+    created through the code location (see :mod:`cvops_dagster.cli.launch`): executed here, or
+    queued for the daemon when one serves the instance. ``run_config`` is Dagster run config
+    for the lifecycle run (e.g. ``{"ops": {"hpo_study": {"config": {"n_trials": 2}}}}``).
     """
     instance, defs = load_instance()
-    from dagster import AssetKey, AssetSelection
+    from dagster import AssetKey, AssetSelection, DagsterRunStatus
+
+    from cvops_dagster.cli.launch import CodeLocationLauncher, daemon_serves_queue
 
     for line in reap_dead_runs(instance):
         echo(line)
@@ -146,7 +183,7 @@ def run_lifecycle(
         raise CvopsError(f"selection {select!r} matches no asset")
     raw_key = AssetKey("raw_images")
     summary: dict[str, Any] = {"runs": []}
-
+    batches: list[str] = []
     if raw_key in keys:
         batches = landing_zone().list_complete_batches()
         if not batches:
@@ -154,39 +191,33 @@ def run_lifecycle(
                 f"no complete batch in the landing zone {settings.landing_root()!r} "
                 "(a batch is <landing>/<batch_id>/<label>/<file> plus a _READY file; try `cvops seed`)"
             )
-        from assets.partitions import image_batches
+    rest = {k for k in keys if k != raw_key}
 
-        known = set(instance.get_dynamic_partitions(image_batches.name))
-        instance.add_dynamic_partitions(image_batches.name, [b for b in batches if b not in known])
-        job = defs.resolve_job_def("ingest_job")
+    with CodeLocationLauncher.open(instance) as launcher:
+        queued = daemon_serves_queue(instance)
+        if batches:
+            from assets.partitions import image_batches
+
+            known = set(instance.get_dynamic_partitions(image_batches.name))
+            instance.add_dynamic_partitions(image_batches.name, [b for b in batches if b not in known])
         for i, batch in enumerate(batches, 1):
-            with _Progress(instance, f"[{i}/{len(batches)}] raw_images partition {batch}") as progress:
-                result = job.execute_in_process(
-                    instance=instance, partition_key=batch, run_config=_QUIET_LOGS, raise_on_error=False, tags=progress.tags
-                )
-            summary["runs"].append(result.run_id)
-            if not result.success:
-                raise CvopsError(f"ingesting batch {batch} failed: {_failure_message(result)} (run {result.run_id})")
+            run = _launch(
+                launcher, queued, f"[{i}/{len(batches)}] raw_images partition {batch}", "ingest_job", {}, partition_key=batch
+            )
+            summary["runs"].append(run.run_id)
+            if run.status != DagsterRunStatus.SUCCESS:
+                raise CvopsError(f"ingesting batch {batch} failed: {_failure_message(instance, run.run_id)} (run {run.run_id})")
 
-    rest = [k for k in keys if k != raw_key]
-    if rest:
-        job = defs.resolve_job_def("lifecycle_job")
-        names = ", ".join(sorted(k.to_user_string() for k in rest))
-        if any(graph.get(k).pools for k in rest):
-            wait_for_pool(instance, TRAINING_POOL, echo)
-        with _Progress(instance, f"lifecycle run: {names}") as progress:
-            result = job.execute_in_process(
-                instance=instance,
-                asset_selection=rest,
-                run_config={**(run_config or {}), **_QUIET_LOGS},
-                raise_on_error=False,
-                tags=progress.tags,
-            )
-        summary["runs"].append(result.run_id)
-        if not result.success:
-            raise CvopsError(
-                f"lifecycle run failed: {_failure_message(result)} (run {result.run_id}; `cvops ui` shows its full log)"
-            )
+        if rest:
+            names = ", ".join(sorted(k.to_user_string() for k in rest))
+            if not queued and any(graph.get(k).pools for k in rest):
+                wait_for_pool(instance, TRAINING_POOL, echo)
+            run = _launch(launcher, queued, f"lifecycle run: {names}", "lifecycle_job", dict(run_config or {}), asset_selection=rest)
+            summary["runs"].append(run.run_id)
+            if run.status != DagsterRunStatus.SUCCESS:
+                raise CvopsError(
+                    f"lifecycle run failed: {_failure_message(instance, run.run_id)} (run {run.run_id}; `cvops ui` shows its full log)"
+                )
     return summary
 
 
@@ -214,24 +245,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    """Run ``rollback_job`` in process: production_model decides to restore the previous champion,
+    """Run ``rollback_job``: production_model decides to restore the previous champion,
     onnx_runtime publishes it with that model's runtime (reused when it still verifies)."""
-    instance, defs = load_instance()
+    instance, _ = load_instance()
+    from dagster import DagsterRunStatus
+
+    from cvops_dagster.cli.launch import CodeLocationLauncher, daemon_serves_queue
+
     for line in reap_dead_runs(instance):
         print(line)
     run_config = {
-        **_QUIET_LOGS,
         "ops": {
             "production_model": {"config": {"rollback": True}},
             "onnx_runtime": {"config": {"reuse_only": bool(args.no_export)}},
         },
     }
-    with _Progress(instance, "rollback: production_model, onnx_runtime") as progress:
-        result = defs.resolve_job_def("rollback_job").execute_in_process(
-            instance=instance, run_config=run_config, raise_on_error=False, tags=progress.tags
-        )
-    if not result.success:
-        raise CvopsError(f"rollback failed: {_failure_message(result)} (run {result.run_id})")
+    with CodeLocationLauncher.open(instance) as launcher:
+        queued = daemon_serves_queue(instance)
+        run = _launch(launcher, queued, "rollback: production_model, onnx_runtime", "rollback_job", run_config)
+    if run.status != DagsterRunStatus.SUCCESS:
+        raise CvopsError(f"rollback failed: {_failure_message(instance, run.run_id)} (run {run.run_id})")
     from cvops_dagster.registry.history import replay_history
 
     champion = replay_history(artifact_storage()).champion
@@ -269,6 +302,28 @@ def reap_dead_runs(instance: Any) -> list[str]:
             if run is None or run.is_finished:
                 storage.free_concurrency_slots_for_run(run_id)
                 lines.append(f"run {run_id}: ended but still held pool slots; freed them")
+    return lines
+
+
+def end_runs_of_stopped_workers(instance: Any, pids: set[int], reason: str) -> list[str]:
+    """Cancel the unfinished runs whose run worker was one of ``pids`` (a stopped ``cvops
+    ui``/``watch`` took them down) and free their pool slots, so none stays STARTED forever:
+    the instance's default run launcher cannot tell the daemon that a worker died."""
+    from dagster import DagsterEventType, RunsFilter
+
+    lines = []
+    for run in instance.get_runs(filters=RunsFilter(statuses=_unfinished())):
+        records = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ENGINE_EVENT).records
+        workers = set()
+        for record in records:
+            metadata = getattr(record.event_log_entry.dagster_event.event_specific_data, "metadata", None) or {}
+            value = getattr(metadata.get("pid"), "value", None)
+            if value is not None and str(value).isdigit():
+                workers.add(int(value))
+        if workers & pids:
+            instance.report_run_canceled(run, reason)
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            lines.append(f"run {run.run_id}: its worker was stopped with the service; marked canceled")
     return lines
 
 

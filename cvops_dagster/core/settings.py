@@ -1,21 +1,52 @@
-"""Environment contract (DESIGN.md): variable names and their embedded defaults."""
+"""Environment contract (DESIGN.md): variable names, the project and the roots it implies.
+
+Resolution (pure functions of the environment and the current folder; no Dagster import):
+
+* **project root**: ``$CVOPS_HOME`` when set (it must be an existing folder), else the
+  nearest folder from the current one upwards (itself included) holding a ``workspace.yaml``
+  that loads ``cvops_dagster.definitions``, else none (outside any project: the current
+  folder stands in, as the defaults below show).
+* **landing zone**: ``$CVOPS_LANDING``, else ``<project>/landing``, else ``./landing``.
+* **artifact root**: ``$CVOPS_ARTIFACT_ROOT``, else ``<project>/.cvops``, else ``./.cvops``.
+* **Dagster instance**: ``$DAGSTER_HOME``, else ``<project>/.dagster_home``, else ``./.dagster_home``.
+
+A relative path given in one of these variables is relative to the current folder (where the
+command runs), not to the project. ``--landing``/``--artifacts`` set the variables for the
+command (``cvops_dagster.cli.common.apply_overrides``), so they win over everything.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PROJECT_HOME_ENV = "CVOPS_HOME"
 LANDING_ENV = "CVOPS_LANDING"
 ARTIFACT_ROOT_ENV = "CVOPS_ARTIFACT_ROOT"
 S3_ENDPOINT_ENV = "CVOPS_S3_ENDPOINT_URL"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 
-DEFAULT_LANDING = "./landing"
-DEFAULT_ARTIFACT_ROOT = "./.cvops"
-DEFAULT_DAGSTER_HOME = "./.dagster_home"
+#: The file that marks a project folder, and the code location it must load to count.
+WORKSPACE_FILE = "workspace.yaml"
+DEFINITIONS_MODULE = "cvops_dagster.definitions"
+
+#: Defaults, relative to the project root (or to the current folder outside any project).
+LANDING_DIR = "landing"
+ARTIFACT_DIR = ".cvops"
+DAGSTER_HOME_DIR = ".dagster_home"
+DEFAULT_LANDING = f"./{LANDING_DIR}"
+DEFAULT_ARTIFACT_ROOT = f"./{ARTIFACT_DIR}"
+DEFAULT_DAGSTER_HOME = f"./{DAGSTER_HOME_DIR}"
+
+
+class ProjectError(ValueError):
+    """The configured project cannot be used (``$CVOPS_HOME`` is not a folder)."""
+
 
 #: Telemetry and analytics switches set in every process this system starts (offline by design).
 TELEMETRY_OFF: dict[str, str] = {
@@ -32,12 +63,124 @@ def disable_telemetry() -> None:
         os.environ.setdefault(name, value)
 
 
-def landing_root() -> str:
-    return os.environ.get(LANDING_ENV) or DEFAULT_LANDING
+def loads_cvops_definitions(workspace: Path) -> bool:
+    """Whether ``workspace`` (a ``workspace.yaml``) loads the ``cvops_dagster.definitions`` module.
+
+    An unreadable or malformed file, or one naming other code, does not make a project.
+    """
+    import yaml  # light, and only read when a workspace.yaml is found
+
+    try:
+        data = yaml.safe_load(workspace.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    entries = data.get("load_from") if isinstance(data, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        for kind in ("python_module", "python_package"):
+            target = entry.get(kind)
+            name = (target.get("module_name") or target.get("package_name")) if isinstance(target, dict) else target
+            if name == DEFINITIONS_MODULE:
+                return True
+    return False
 
 
-def artifact_root() -> str:
-    return os.environ.get(ARTIFACT_ROOT_ENV) or DEFAULT_ARTIFACT_ROOT
+def find_project(start: Path) -> Path | None:
+    """The nearest folder from ``start`` upwards (itself included) whose ``workspace.yaml``
+    loads ``cvops_dagster.definitions``; None when there is none."""
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        candidate = folder / WORKSPACE_FILE
+        if candidate.is_file() and loads_cvops_definitions(candidate):
+            return folder
+    return None
+
+
+def project_root(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:
+    """The project root: ``$CVOPS_HOME``, else the nearest project folder upwards, else None.
+
+    Raises:
+        ProjectError: ``$CVOPS_HOME`` is set but is not an existing folder.
+    """
+    env = os.environ if environ is None else environ
+    if home := env.get(PROJECT_HOME_ENV):
+        path = Path(home).expanduser()
+        path = (cwd / path if cwd is not None and not path.is_absolute() else path).resolve()
+        if not path.is_dir():
+            raise ProjectError(
+                f"{PROJECT_HOME_ENV}={home} is not a folder (point it at the project: the folder of {WORKSPACE_FILE})"
+            )
+        return path
+    return find_project(cwd if cwd is not None else Path.cwd())
+
+
+def _project_default(folder: str, environ: Mapping[str, str] | None, cwd: Path | None) -> str:
+    root = project_root(environ, cwd)
+    return str(root / folder) if root is not None else f"./{folder}"
+
+
+def landing_root(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+    """``$CVOPS_LANDING``, else ``<project>/landing``, else ``./landing`` (not normalized)."""
+    env = os.environ if environ is None else environ
+    return env.get(LANDING_ENV) or _project_default(LANDING_DIR, environ, cwd)
+
+
+def artifact_root(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+    """``$CVOPS_ARTIFACT_ROOT``, else ``<project>/.cvops``, else ``./.cvops`` (not normalized)."""
+    env = os.environ if environ is None else environ
+    return env.get(ARTIFACT_ROOT_ENV) or _project_default(ARTIFACT_DIR, environ, cwd)
+
+
+def dagster_home(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
+    """The Dagster instance folder: ``$DAGSTER_HOME``, else ``<project>/.dagster_home``, else
+    ``./.dagster_home``; absolute (a relative variable is taken from the current folder)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(DAGSTER_HOME_ENV) or _project_default(DAGSTER_HOME_DIR, environ, cwd)
+    path = Path(raw).expanduser()
+    if cwd is not None and not path.is_absolute():
+        path = cwd / path
+    return path.resolve()
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Every root a command uses, resolved, with where each came from (for ``cvops status``)."""
+
+    project: Path | None
+    project_source: str  # "$CVOPS_HOME", "workspace.yaml" or "none"
+    dagster_home: Path
+    dagster_home_source: str  # "$DAGSTER_HOME", "project" or "current folder"
+    landing: str
+    landing_source: str
+    artifacts: str
+    artifacts_source: str
+
+
+def resolve_roots(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Roots:
+    """The project, instance, landing and artifact roots as this process resolves them."""
+    env = os.environ if environ is None else environ
+    project = project_root(env, cwd)
+    fallback = "project" if project is not None else "current folder"
+
+    def source(name: str) -> str:
+        return f"${name}" if env.get(name) else fallback
+
+    def normalized(root: str) -> str:
+        if cwd is not None and "://" not in root and not Path(root).expanduser().is_absolute():
+            root = str(cwd / root)
+        return normalize_root(root)
+
+    return Roots(
+        project=project,
+        project_source=f"${PROJECT_HOME_ENV}" if env.get(PROJECT_HOME_ENV) else (WORKSPACE_FILE if project else "none"),
+        dagster_home=dagster_home(env, cwd),
+        dagster_home_source=source(DAGSTER_HOME_ENV),
+        landing=normalized(landing_root(env, cwd)),
+        landing_source=source(LANDING_ENV),
+        artifacts=normalized(artifact_root(env, cwd)),
+        artifacts_source=source(ARTIFACT_ROOT_ENV),
+    )
 
 
 def s3_endpoint_url() -> str | None:
