@@ -62,6 +62,56 @@ def test_seed_run_status_ingestion(tmp_path: Path) -> None:
     assert raw["files"] == 1797
     assert raw["rejected"] == 0 and raw["rejected_reasons"] == {}
     assert (tmp_path / ".cvops" / "manifests" / "raw" / "batch_001.parquet").exists()
+    _assert_runs_belong_to_the_code_location(tmp_path / ".dagster_home", "ingest_job", 3)
+
+
+def _assert_runs_belong_to_the_code_location(home: Path, job: str, count: int) -> None:
+    """The UI lists a run on the Overview timeline and its job's page by the repository label
+    Dagster stores for runs created from the code location (execute_in_process has none)."""
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from cvops_dagster.cli.launch import LOCATION_NAME
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs(RunsFilter(job_name=job))
+        labelled = instance.get_runs(RunsFilter(job_name=job, tags={".dagster/repository": f"__repository__@{LOCATION_NAME}"}))
+        assert len(runs) == count and {r.run_id for r in labelled} == {r.run_id for r in runs}
+        assert all(r.status == DagsterRunStatus.SUCCESS for r in runs)
+        assert all(r.remote_job_origin is not None and r.remote_job_origin.location_name == LOCATION_NAME for r in runs)
+        # No daemon served this instance: cvops executed them itself, tagged with its process.
+        assert all("cvops/pid" in r.tags for r in runs)
+
+
+def test_workspace_names_the_location_cvops_creates_runs_in() -> None:
+    """`cvops run` creates runs in the location `workspace.yaml` defines (the daemon and the UI
+    find a run's location by that name)."""
+    import yaml
+
+    from cvops_dagster.cli.launch import LOCATION_NAME
+
+    workspace = yaml.safe_load((Path(__file__).resolve().parents[1] / "workspace.yaml").read_text())
+    (entry,) = workspace["load_from"]
+    module = entry["python_module"]
+    assert (module if isinstance(module, str) else module["module_name"]) == LOCATION_NAME
+    assert isinstance(module, str) or module.get("location_name", LOCATION_NAME) == LOCATION_NAME
+
+
+def test_daemon_serves_the_queue_only_with_a_fresh_heartbeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from dagster import DagsterInstance
+
+    from cvops_dagster.cli.launch import DAEMON_STALE_S, daemon_serves_queue
+    from cvops_dagster.core.instance import ensure_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))  # restored after the test
+    home = ensure_dagster_home(str(tmp_path / "home"))
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert not daemon_serves_queue(instance)  # the queued coordinator, no daemon ever ran
+        beats = {"QUEUED_RUN_COORDINATOR": SimpleNamespace(timestamp=1000.0)}
+        instance.get_daemon_heartbeats = lambda: beats  # type: ignore[method-assign]
+        assert daemon_serves_queue(instance, now=1000.0 + DAEMON_STALE_S - 1)
+        assert not daemon_serves_queue(instance, now=1000.0 + DAEMON_STALE_S + 1)
 
 
 def test_landing_and_artifacts_flags_override_environment(tmp_path: Path) -> None:
