@@ -15,7 +15,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import json_value, safe_metadata, table
+from assets.metadata import ASSET_OWNERS, artifact, dataset_overview, figure, json_value, parquet_table_metadata, safe_metadata, table
 from cvops_dagster.datasets.cleaning import CleaningConfig, clean_dataset
 from cvops_dagster.ingestion.ingest import read_raw_manifests
 from cvops_dagster.datasets.validation import ValidationConfig, validate_dataset
@@ -38,6 +38,7 @@ class CleanedDatasetConfig(Config):
     group_name="datasets",
     kinds={"python", "parquet", "great_expectations"},
     code_version="1",
+    owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
@@ -55,7 +56,8 @@ def cleaned_dataset(
 ) -> MaterializeResult:
     batches = sorted(context.instance.get_materialized_partitions(AssetKey("raw_images")))
     raw = read_raw_manifests(artifact_store.storage, batch_ids=batches)
-    result = clean_dataset(artifact_store.storage, raw, CleaningConfig(mode=config.mode), workers=config.workers)
+    cleaning = CleaningConfig(mode=config.mode)
+    result = clean_dataset(artifact_store.storage, raw, cleaning, workers=config.workers)
     report = validate_dataset(
         result.manifest,
         ValidationConfig(min_class_count=config.min_class_count, min_class_ratio=config.min_class_ratio),
@@ -83,8 +85,12 @@ def cleaned_dataset(
             "accepted": report.success,
             "gx_statistics": json_value(report.statistics),
             "quarantine_examples": table(result.quarantine_examples, limit=50),
+            **dataset_overview(artifact_store.storage, result.manifest, cleaning.decode, context.log),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
-            "decode_seconds": float(result.timings.get("decode_s", 0.0)),
+            "uri": artifact(artifact_store.uri(result.manifest_key)),
+            "dataset_json": artifact(artifact_store.uri(result.dataset_json_key)),
+            **parquet_table_metadata(result.manifest_table, result.manifest_table.num_rows),
+            "decode_seconds": figure(result.timings.get("decode_s", 0.0)),
             "files_decoded": result.cache.decoded,
             "files_from_decode_cache": result.cache.hits,
         }),

@@ -11,7 +11,7 @@ from dagster import (
     asset,
 )
 
-from assets.metadata import json_value, safe_metadata, table
+from assets.metadata import ASSET_OWNERS, artifact, json_value, parquet_table_metadata, safe_metadata, table
 from assets.partitions import image_batches
 from cvops_dagster.ingestion.ingest import ingest_batch
 from resources.storage import ArtifactStore, ImageSource
@@ -22,6 +22,7 @@ from resources.storage import ArtifactStore, ImageSource
     group_name="ingestion",
     kinds={"python", "parquet"},
     code_version="1",
+    owners=ASSET_OWNERS,
     check_specs=[
         AssetCheckSpec(
             "check_raw_images_not_empty",
@@ -29,8 +30,8 @@ from resources.storage import ArtifactStore, ImageSource
             description="The batch yielded at least one file for cleaning.",
         )
     ],
-    description="A landing-zone batch, copied to images/<sha256>.<ext> with a Parquet manifest; "
-    "rejected entries are recorded with their reason, never copied.",
+    description="A landing-zone batch, copied by content to `images/<sha256>.<ext>` with a Parquet manifest "
+    "(`manifests/raw/<batch_id>.parquet`); rejected entries are recorded with their reason, never copied.",
 )
 def raw_images(
     context: AssetExecutionContext, image_source: ImageSource, artifact_store: ArtifactStore
@@ -49,8 +50,10 @@ def raw_images(
             "rejected_reasons": json_value(summary["rejected_reasons"]),
             "labels": json_value(summary["labels"]),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
+            "uri": artifact(artifact_store.uri(result.manifest_key)),
             "content_version": result.content_version,
             "preview": table(result.manifest[["path", "label", "status", "reason", "size_bytes", "sample_id"]]),
+            **parquet_table_metadata(result.manifest, len(result.manifest), partition=True),
         }),
         data_version=DataVersion(result.content_version),
         check_results=[

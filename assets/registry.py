@@ -12,7 +12,7 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Con
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import safe_metadata, table, upstream
+from assets.metadata import ASSET_OWNERS, FLOAT, INT, STRING, artifact, figure, records_table, safe_metadata, upstream
 from resources.storage import ArtifactStore
 
 CHECK_NO_REGRESSION = "check_production_model_no_regression"
@@ -33,6 +33,7 @@ class ProductionModelConfig(Config):
     group_name="training",
     kinds={"python"},
     code_version="2",
+    owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
@@ -50,6 +51,7 @@ class ProductionModelConfig(Config):
 def production_model(
     context: AssetExecutionContext, config: ProductionModelConfig, artifact_store: ArtifactStore
 ) -> MaterializeResult:
+    from cvops_dagster.registry.decisions import decision_key
     from cvops_dagster.registry.gate import GateConfig, decide_promotion, decide_rollback
     from cvops_dagster.registry.history import read_history
 
@@ -71,7 +73,7 @@ def production_model(
             "decision": decision.kind,
             "target_model_id": decision.target_model_id,
             "model_id": decision.target_model_id,
-            "test_accuracy": decision.target_metrics.get("accuracy"),
+            "test_accuracy": figure(decision.target_metrics.get("accuracy")),
             # When the gate put the target forward: its promotion for a new champion, else the
             # champion's own promotion time from the history.
             "promoted_at": decision.decided_at if decision.promoted else _promoted_at(storage, decision.target_model_id),
@@ -79,13 +81,14 @@ def production_model(
             "promoted": decision.promoted,
             "reason": decision.reason,
             "challenger_id": decision.challenger_id,
-            "challenger_accuracy": challenger.get("accuracy"),
+            "challenger_accuracy": figure(challenger.get("accuracy")),
             "champion_id": decision.champion_id,
-            "champion_accuracy_before": champion.get("accuracy"),
-            "slices": decision.metrics,
+            "champion_accuracy_before": figure(champion.get("accuracy")),
+            "slices": records_table(_slice_rows(decision), SLICE_COLUMNS),
             "accepted": decision.check_passed,
             "inputs": inputs,
-            "history": table(_history_frame(read_history(storage)), limit=50),
+            "history": records_table(_history_rows(read_history(storage)), HISTORY_COLUMNS, limit=50),
+            "uri": artifact(storage.uri(decision_key(decision.decision_id))),
         }),
         data_version=DataVersion(decision.target_model_id),
         check_results=[
@@ -101,8 +104,27 @@ def _promoted_at(storage, model_id: str):  # noqa: ANN001, ANN202
     return next((c.promoted_at for c in reversed(stack) if c.model_id == model_id), None)
 
 
-def _history_frame(history):  # noqa: ANN001, ANN202
-    import pandas as pd
+#: The promotion history as a table, newest event first.
+HISTORY_COLUMNS = {
+    "at": STRING, "event": STRING, "model_id": STRING, "replaces": STRING, "dataset_version": STRING,
+    "accuracy": FLOAT, "macro_f1": FLOAT, "reason": STRING,
+}  # fmt: skip
+#: The gate's scores: each model on the whole current test split and on its two slices.
+SLICE_COLUMNS = {"model": STRING, "model_id": STRING, "slice": STRING, "accuracy": FLOAT, "macro_f1": FLOAT, "n": INT}
 
-    columns = ["at", "event", "model_id", "replaces", "dataset_version", "reason"]
-    return pd.DataFrame([{k: e.get(k) for k in columns} for e in reversed(history)], columns=columns)
+
+def _history_rows(history):  # noqa: ANN001, ANN202
+    return [{**e, **{k: (e.get("metrics") or {}).get(k) for k in ("accuracy", "macro_f1")}} for e in reversed(history)]
+
+
+def _slice_rows(decision):  # noqa: ANN001, ANN202
+    # A promotion scores both models per slice; a rollback records each model's own figures.
+    ids = {"challenger": decision.challenger_id, "champion": decision.champion_id,
+           "restored": decision.target_model_id, "rolled_back": decision.champion_id}  # fmt: skip
+    rows = []
+    for role, scores in (decision.metrics or {}).items():
+        slices = {"all": scores} if isinstance(scores, dict) and "accuracy" in scores else scores
+        for name, figures in (slices or {}).items() if isinstance(slices, dict) else ():
+            if isinstance(figures, dict):
+                rows.append({"model": role, "model_id": ids.get(role), "slice": name, **figures})
+    return rows

@@ -5,7 +5,7 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Con
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import json_value, safe_metadata, upstream
+from assets.metadata import ASSET_OWNERS, artifact, figure, json_value, safe_metadata, upstream
 from resources.storage import ArtifactStore
 
 CHECK_PARITY = "check_onnx_runtime_parity"
@@ -24,20 +24,22 @@ class OnnxRuntimeConfig(Config):
     group_name="serving",
     kinds={"onnx"},
     code_version="2",
+    owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
             CHECK_PARITY,
             asset="onnx_runtime",
             blocking=True,
-            description="On the test split: max |logit difference| vs PyTorch <= 1e-4 and >= 99.9% identical classes "
-            "(for a reused runtime: the figures recorded when it was published, its files verified again).",
+            description="On the test split: the largest absolute logit difference from PyTorch is at most 1e-4 and at "
+            "least 99.9% of predicted classes are identical (for a reused runtime: the figures recorded when it was "
+            "published, its files verified again).",
         )
     ],
     description="Publishes production_model's decision: the target model exported with torch.onnx (dynamic batch, "
     "logits + embedding) under a content-addressed name, checked with onnx.checker and for parity, INT8 (static "
     "QDQ, per-channel) kept only when accurate and faster by a margin; then a history event and the pointers "
-    "(production/current.json, production/serving.json). A runtime already published for the model is reused.",
+    "(`production/current.json`, `production/serving.json`). A runtime already published for the model is reused.",
 )
 def onnx_runtime(context: AssetExecutionContext, config: OnnxRuntimeConfig, artifact_store: ArtifactStore) -> MaterializeResult:
     # torch, ONNX and ONNX Runtime load in this step only (see assets/training.py).
@@ -67,10 +69,11 @@ def onnx_runtime(context: AssetExecutionContext, config: OnnxRuntimeConfig, arti
             "model_id": outcome.model_id,
             "dataset_version": runtime.get("dataset_version"),
             "path": MetadataValue.path(storage.uri(runtime["fp32_key"])),
+            **_artifacts(storage, runtime, outcome.published),
             "sha256": runtime["fp32_sha256"],
             "opset": outcome.checks.get("opset"),
-            "parity_max_abs_diff": parity.get("max_abs_diff"),
-            "parity_argmax_agreement": parity.get("argmax_agreement"),
+            "parity_max_abs_diff": figure(parity.get("max_abs_diff")),
+            "parity_argmax_agreement": parity.get("argmax_agreement"),  # unrounded: the check's 99.9% is strict
             "int8": json_value({
                 "accepted": runtime.get("int8_key") is not None,
                 "reason": int8.get("reason") or "no INT8 figures recorded for this runtime",
@@ -79,8 +82,8 @@ def onnx_runtime(context: AssetExecutionContext, config: OnnxRuntimeConfig, arti
                 "speedup": int8.get("speedup"),
                 "min_speedup": int8.get("min_speedup"),
             }),
-            "int8_latency_ms": int8.get("int8_latency_ms"),
-            "fp32_latency_ms": int8.get("fp32_latency_ms"),
+            "int8_latency_ms": figure(int8.get("int8_latency_ms")),
+            "fp32_latency_ms": figure(int8.get("fp32_latency_ms")),
             "published": outcome.published,
             "publication": outcome.kind,
             "reused": outcome.reused,
@@ -104,3 +107,15 @@ def onnx_runtime(context: AssetExecutionContext, config: OnnxRuntimeConfig, arti
             )
         ],
     )
+
+
+def _artifacts(storage, runtime: dict, published: bool) -> dict:  # noqa: ANN001
+    """Where the runtime files are (``uri``: FP32, ``int8_uri``) and, once published, the pointer."""
+    from cvops_dagster.serving.pointer import SERVING_KEY
+
+    out = {"uri": artifact(storage.uri(runtime["fp32_key"]))}
+    if runtime.get("int8_key"):
+        out["int8_uri"] = artifact(storage.uri(runtime["int8_key"]))
+    if published:
+        out["serving_pointer"] = artifact(storage.uri(SERVING_KEY))
+    return out

@@ -18,7 +18,17 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import json_value, png_markdown, safe_metadata, table, upstream
+from assets.metadata import (
+    ASSET_OWNERS,
+    artifact,
+    figure,
+    json_value,
+    per_class_table,
+    png_markdown,
+    safe_metadata,
+    table,
+    upstream,
+)
 from cvops_dagster.core.settings import params_digest, step_threads
 from resources.storage import ArtifactStore
 from resources.tuning import OptunaStorage
@@ -45,6 +55,7 @@ class HpoStudyConfig(Config):
     kinds={"optuna", "pytorch"},
     pool="training",
     code_version="1",
+    owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,
     description="An Optuna study per dataset version (seeded TPE, successive halving fed by Lightning), "
     "persisted so a re-run resumes it.",
@@ -52,7 +63,7 @@ class HpoStudyConfig(Config):
 def hpo_study(
     context: AssetExecutionContext, config: HpoStudyConfig, artifact_store: ArtifactStore, optuna_storage: OptunaStorage
 ) -> MaterializeResult:
-    from cvops_dagster.training.tuning import StudyConfig, run_study  # torch and Optuna: see the module docstring
+    from cvops_dagster.training.tuning import StudyConfig, run_study, study_storage_uri  # torch, Optuna: see the module docstring
 
     dataset = upstream(context, "cleaned_dataset")
     version = dataset.figure("version")
@@ -76,14 +87,15 @@ def hpo_study(
         num_threads=step_threads(config.torch_threads),
     )
     result = run_study(artifact_store.storage, version, study_config, url)
-    columns = [c for c in result.trials.columns if c in ("number", "state", "value", "epochs") or c.startswith("params_")]
+    columns = [c for c in ("number", "state", "value", "epochs") if c in result.trials.columns]
+    columns += [c for c in result.trials.columns if c.startswith("params_")]
     return MaterializeResult(
         metadata=safe_metadata({
             "dataset_version": version,
             "skipped": False,
             "study_name": result.study_name,
             "best_params": json_value(result.best_params),
-            "best_value": result.best_value,
+            "best_value": figure(result.best_value),
             "trials_complete": result.n_complete,
             "trials_pruned": result.n_pruned,
             "trials_failed": result.n_failed,
@@ -91,6 +103,7 @@ def hpo_study(
             "epochs_consumed": result.epochs_consumed,
             "trials": table(result.trials[columns], limit=100),
             "optimization_history": png_markdown(result.history_png, "optimization history"),
+            "uri": artifact(study_storage_uri(artifact_store.storage, url)),
             "torch_threads": study_config.num_threads,
             "inputs": inputs,
         }),
@@ -116,6 +129,7 @@ class TrainedModelConfig(Config):
     kinds={"pytorch", "safetensors"},
     pool="training",
     code_version="1",
+    owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,
     check_specs=[
         AssetCheckSpec(
@@ -152,20 +166,21 @@ def trained_model(
         metadata=safe_metadata({
             "model_id": result.model_id,
             "dataset_version": version,
-            "test_accuracy": result.test_accuracy,
-            "macro_f1": result.macro_f1,
-            "baseline_accuracy": result.baseline_accuracy,
-            "baseline_macro_f1": result.baseline_macro_f1,
-            "best_val_accuracy": result.best_val_accuracy,
+            "test_accuracy": figure(result.test_accuracy),
+            "macro_f1": figure(result.macro_f1),
+            "baseline_accuracy": figure(result.baseline_accuracy),
+            "baseline_macro_f1": figure(result.baseline_macro_f1),
+            "best_val_accuracy": figure(result.best_val_accuracy),
             "epochs_trained": result.epochs_trained,
             "resumed_from_epoch": result.resumed_from_epoch,
-            "train_seconds": result.train_seconds,
+            "train_seconds": figure(result.train_seconds),
             "accepted": floor_ok,
             "params": json_value(result.params),
-            "per_class": json_value(result.per_class),
+            "per_class": per_class_table(result.per_class),
             "confusion_matrix": png_markdown(result.confusion_matrix_png, "confusion matrix"),
             "learning_curves": png_markdown(result.learning_curves_png, "learning curves"),
             "model_card": MetadataValue.path(artifact_store.uri(result.model_card_key)),
+            "uri": artifact(artifact_store.uri(result.weights_key)),
             "reused": result.reused,
             "torch_threads": train_config.num_threads,
             "inputs": {
@@ -178,7 +193,9 @@ def trained_model(
             AssetCheckResult(
                 check_name=CHECK_ACCURACY_FLOOR,
                 passed=floor_ok,
-                metadata=safe_metadata({"test_accuracy": result.test_accuracy, "floor": config.accuracy_floor, "chance": chance}),
+                metadata=safe_metadata(
+                    {"test_accuracy": figure(result.test_accuracy), "floor": config.accuracy_floor, "chance": figure(chance)}
+                ),
             )
         ],
     )

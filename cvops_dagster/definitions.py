@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, define_asset_job, load_asset_checks_from_modules, load_assets_from_modules
+import warnings
+from pathlib import Path
+
+from dagster import (
+    AnchorBasedFilePathMapping,
+    AssetSelection,
+    BetaWarning,
+    Definitions,
+    define_asset_job,
+    link_code_references_to_git,
+    load_asset_checks_from_modules,
+    load_assets_from_modules,
+    with_source_code_references,
+)
 
 from cvops_dagster.core.settings import disable_telemetry
 
@@ -14,12 +27,15 @@ import assets.registry  # noqa: E402
 import assets.serving  # noqa: E402
 import assets.training  # noqa: E402
 from assets.partitions import image_batches  # noqa: E402
+from resources.catalog import git_source_from_env  # noqa: E402
 from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
 from resources.tuning import optuna_storage_from_env  # noqa: E402
 from sensors.automation import asset_update_sensor  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
 
 ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.registry, assets.serving]
+#: The repository root: code references are mapped to a git URL relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ingest_job = define_asset_job(
     "ingest_job",
@@ -42,9 +58,22 @@ rollback_job = define_asset_job(
 )
 
 
+def assets_with_code_references() -> list:
+    """Every asset with a reference to the function that computes it (the UI links to it): the
+    local file, or its page in the repository ``CVOPS_GIT_URL`` names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BetaWarning)  # code references are beta in Dagster 1.13
+        defined = with_source_code_references(load_assets_from_modules(ASSET_MODULES))
+        git = git_source_from_env()
+        if git is not None:
+            mapping = AnchorBasedFilePathMapping(local_file_anchor=REPO_ROOT, file_anchor_path_in_repository="")
+            defined = link_code_references_to_git(defined, git_url=git.url, git_branch=git.branch, file_path_mapping=mapping)
+    return list(defined)
+
+
 def build_definitions() -> Definitions:
     return Definitions(
-        assets=load_assets_from_modules(ASSET_MODULES),
+        assets=assets_with_code_references(),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
         jobs=[ingest_job, lifecycle_job, rollback_job],
         sensors=[image_batches_sensor, asset_update_sensor],

@@ -184,6 +184,40 @@ def quarantine_examples(manifest: pd.DataFrame, per_reason: int) -> pd.DataFrame
     return pd.DataFrame(table, columns=["reason", "count", "record_id", "path", "detail"])
 
 
+def class_breakdown(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per label: clean samples per split, duplicates, quarantined, and its share of the clean set.
+
+    Rows without a label are counted under ``(none)``; labels sorted by name.
+    """
+    labels = manifest["label"].astype(object).where(manifest["label"].notna(), "(none)").map(str)
+    clean = manifest["outcome"] == "clean"
+    columns: dict[str, pd.Series] = {"clean": clean}
+    columns.update({split: clean & (manifest["split"] == split).fillna(False) for split in SPLITS})
+    columns.update(duplicates=manifest["outcome"] == "duplicate", quarantined=manifest["outcome"] == "quarantined")
+    counts = pd.DataFrame({name: flags.astype("int64").to_numpy() for name, flags in columns.items()}, index=labels.to_numpy())
+    table = counts.groupby(level=0, sort=True).sum().rename_axis("label").reset_index()
+    total = int(table["clean"].sum())
+    table["share"] = (table["clean"] / total) if total else 0.0
+    return table
+
+
+def quarantine_breakdown(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per quarantine reason: files, how many of them decoded, and the first example's path and detail."""
+    quarantined = manifest[manifest["outcome"] == "quarantined"]
+    rows = []
+    for reason, group in sorted(quarantined.groupby("reason", sort=False, dropna=False), key=lambda item: str(item[0])):
+        first = group.iloc[0]
+        rows.append({
+            "reason": None if pd.isna(reason) else str(reason),
+            "files": len(group),
+            "decoded": int(group["width"].notna().sum()),
+            "example": first["path"],
+            "detail": None if pd.isna(first["reason_detail"]) else first["reason_detail"],
+        })  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["reason", "files", "decoded", "example", "detail"])
+    return frame.astype({"files": "int64", "decoded": "int64"})
+
+
 def most_common_size(heights: np.ndarray, widths: np.ndarray) -> list[int] | None:
     """The most frequent (height, width); ties go to the one met first."""
     if not len(heights):

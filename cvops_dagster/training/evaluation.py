@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
@@ -50,17 +53,28 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: Seque
     }
 
 
+#: Plots are shown inline in asset metadata and stored with each model: small on purpose.
+PLOT_DPI = 72
+
+
 def _png(fig: Any) -> bytes:
+    """The figure as a small PNG: 72 dpi, a 64-colour palette (a quarter of the RGBA size)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight")
     plt.close(fig)
-    return buffer.getvalue()
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        small = image.convert("RGB").quantize(colors=64)
+    out = io.BytesIO()
+    small.save(out, format="png", optimize=True)
+    return out.getvalue()
 
 
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "Confusion matrix") -> bytes:
     """A labelled confusion-matrix heat map."""
     m = np.asarray(matrix)
-    size = min(12.0, 2.0 + 0.45 * len(labels))
+    size = min(9.0, 2.5 + 0.35 * len(labels))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 10 else 0)
@@ -78,37 +92,84 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str],
 
 def learning_curves_png(history: Sequence[dict[str, float]]) -> bytes:
     """Loss and accuracy per epoch from a list of ``{epoch, train_loss, val_loss, val_acc}``."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
     epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     for key in ("train_loss", "val_loss"):
         values = [h.get(key, np.nan) for h in history]
         left.plot(epochs, values, marker=".", label=key)
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
-    left.legend()
+    left.legend(fontsize=7)
     for key in ("train_acc", "val_acc"):
         values = [h.get(key, np.nan) for h in history]
         right.plot(epochs, values, marker=".", label=key)
     right.set_xlabel("epoch")
     right.set_ylabel("accuracy")
-    right.legend()
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.legend(fontsize=7)
     fig.suptitle("Learning curves")
     return _png(fig)
 
 
-def optimization_history_png(values: Sequence[float | None], maximize: bool = True) -> bytes:
-    """Objective value per trial (pruned/failed trials left out) and the best so far."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [i for i, v in enumerate(values) if v is not None]
-    ys = [float(v) for v in values if v is not None]
-    ax.scatter(xs, ys, label="objective", s=18)
-    if ys:
-        best = np.maximum.accumulate(ys) if maximize else np.minimum.accumulate(ys)
-        ax.step(xs, best, where="post", color="tab:red", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Optimization history")
-    ax.legend()
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial of a study as the optimization-history plot draws it.
+
+    Attributes:
+        number: the trial number (an integer, as Optuna numbers trials).
+        state: ``complete``, ``pruned``, ``fail``, ``running`` or ``waiting``.
+        value: the objective of a complete trial, the last intermediate value of a pruned one,
+            else ``None``.
+        intermediate: ``(step, value)`` reported per epoch, in step order.
+    """
+
+    number: int
+    state: str
+    value: float | None
+    intermediate: tuple[tuple[int, float], ...] = ()
+
+
+def optimization_history_png(points: Sequence[TrialPoint], maximize: bool = True, metric: str = "validation accuracy") -> bytes:
+    """Every trial of a study, by integer trial number, in two panels.
+
+    Left: the objective of complete trials (dots), pruned trials at their last intermediate
+    value (crosses), failed trials as ticks on the axis, and the best so far. Right: the
+    intermediate value per epoch of every trial (faint lines; pruned ones end in a cross).
+    """
+    fig, (history, curves) = plt.subplots(1, 2, figsize=(7, 2.8), gridspec_kw={"width_ratios": [3, 2]})
+    complete = [p for p in points if p.state == "complete" and p.value is not None]
+    pruned = [p for p in points if p.state == "pruned" and p.value is not None]
+    failed = [p for p in points if p.state == "fail"]
+    history.scatter([p.number for p in complete], [p.value for p in complete], s=16, color="tab:blue", label=f"complete ({len(complete)})", zorder=3)
+    if pruned:
+        history.scatter([p.number for p in pruned], [p.value for p in pruned], s=22, marker="x", color="tab:orange", label=f"pruned ({len(pruned)})", zorder=3)
+    if failed:
+        history.plot([p.number for p in failed], [0.0] * len(failed), "|", markersize=10, color="tab:gray",
+                     transform=history.get_xaxis_transform(), label=f"failed ({len(failed)})", clip_on=False)  # fmt: skip
+    if complete:
+        values = [p.value for p in complete]
+        best = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
+        xs = [p.number for p in complete]
+        last = max(p.number for p in points)
+        history.step([*xs, last], [*best, best[-1]], where="post", color="tab:red", linewidth=1, label="best so far")
+    history.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if points:
+        history.set_xlim(min(p.number for p in points) - 0.5, max(p.number for p in points) + 0.5)
+    history.set_xlabel("trial")
+    history.set_ylabel(metric)
+    history.set_title(f"Optimization history ({len(points)} trials)", fontsize=9)
+    history.legend(fontsize=6, loc="best", framealpha=0.6)
+    for p in points:
+        if p.intermediate:
+            steps, values = zip(*p.intermediate, strict=True)
+            color = {"pruned": "tab:orange", "fail": "tab:gray"}.get(p.state, "tab:blue")
+            curves.plot(steps, values, color=color, alpha=0.35, linewidth=1)
+            if p.state == "pruned":
+                curves.scatter(steps[-1:], values[-1:], marker="x", s=14, color="tab:orange")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.set_xlabel("epoch")
+    curves.set_title("Intermediate values", fontsize=9)
     return _png(fig)
 
 

@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from cvops_dagster.training.augmentation import AugmentConfig
-from cvops_dagster.training.evaluation import optimization_history_png
+from cvops_dagster.training.evaluation import TrialPoint, optimization_history_png
 from cvops_dagster.training.models import build_classifier
 from cvops_dagster.core.redaction import redact_url
 from cvops_dagster.core.storage import ArtifactStorage
@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: The study journal kept in a remote artifact store (see the module docstring).
 REMOTE_JOURNAL_KEY = "optuna/journal.log"
+#: The SQLite file of the default storage under a local artifact root's ``optuna/`` folder.
+_DEFAULT_DB = "optuna.db"
 
 
 class TrialFailed(RuntimeError):
@@ -149,7 +151,20 @@ def default_storage_url(folder: str | Path) -> str:
     """SQLite file ``<folder>/optuna.db`` (created if needed)."""
     path = Path(folder).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'optuna.db'}"
+    return f"sqlite:///{path / _DEFAULT_DB}"
+
+
+def study_storage_uri(storage: ArtifactStorage, storage_url: str | None) -> str:
+    """Where the study of ``storage_url`` (see :func:`run_study`) persists, to show a user: a
+    SQLite or journal file's path, the journal's key in a remote store, else the URL with its
+    password masked."""
+    if storage_url is None:
+        return storage.uri(f"optuna/{_DEFAULT_DB}" if storage.is_local else REMOTE_JOURNAL_KEY)
+    if storage_url.startswith("sqlite:///"):
+        return storage_url.removeprefix("sqlite:///")  # sqlite:////abs/path -> /abs/path
+    if "://" not in storage_url:
+        return str(Path(storage_url).expanduser().resolve())
+    return redact_url(storage_url) or ""
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None) -> optuna.storages.BaseStorage:
@@ -384,6 +399,27 @@ def trial_epochs(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs.get("epochs", len(trial.intermediate_values)))
 
 
+def history_points(trials: list[optuna.trial.FrozenTrial]) -> list[TrialPoint]:
+    """Every trial as the optimization-history plot draws it (see :class:`TrialPoint`).
+
+    A pruned trial's value is its last intermediate value (what the pruner judged it on); a
+    failed or unfinished trial has none but is still listed.
+    """
+    points = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        intermediate = tuple(
+            (int(step), float(value)) for step, value in sorted(trial.intermediate_values.items()) if value is not None and math.isfinite(value)
+        )
+        if trial.state == TrialState.COMPLETE and trial.value is not None and math.isfinite(trial.value):
+            value: float | None = float(trial.value)
+        elif trial.state == TrialState.PRUNED and intermediate:
+            value = intermediate[-1][1]
+        else:
+            value = None
+        points.append(TrialPoint(int(trial.number), trial.state.name.lower(), value, intermediate))
+    return points
+
+
 def summarize_study(study: optuna.Study, storage_url: str, ran: int, seconds: float) -> StudyResult:
     """Collect a :class:`StudyResult` from a study's trials."""
     trials = study.get_trials(deepcopy=False)
@@ -394,7 +430,9 @@ def summarize_study(study: optuna.Study, storage_url: str, ran: int, seconds: fl
         best = study.best_trial
         best_params = dict(best.user_attrs.get("params", best.params))
         best_value = float(best.value) if best.value is not None else None
-    values = [t.value if t.state == TrialState.COMPLETE else None for t in trials]
+    frame = study.trials_dataframe()
+    if len(frame):
+        frame["epochs"] = [trial_epochs(t) for t in trials]  # one row per trial, in number order
     return StudyResult(
         study_name=study.study_name,
         storage_url=storage_url,
@@ -405,7 +443,7 @@ def summarize_study(study: optuna.Study, storage_url: str, ran: int, seconds: fl
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         n_trials_this_run=ran,
         epochs_consumed=sum(trial_epochs(t) for t in trials),
-        trials=study.trials_dataframe(),
-        history_png=optimization_history_png(values, maximize=True),
+        trials=frame,
+        history_png=optimization_history_png(history_points(trials), maximize=True),
         seconds=seconds,
     )
