@@ -48,11 +48,15 @@ def _workspace_target() -> list[str]:
 
 
 def _end_stopped_runs(service: str):  # noqa: ANN202 - a callback for run_service
-    def after_stop(pids: set[int]) -> None:
-        from cvops_dagster.cli.common import instance_only
-        from cvops_dagster.cli.runs import end_runs_of_stopped_workers
+    """What ends the runs a stopped service's workers were executing. The instance is opened
+    now, while nothing waits, so the stop itself stays quick."""
+    from cvops_dagster.cli.common import instance_only
+    from cvops_dagster.cli.runs import end_runs_of_stopped_workers
 
-        for line in end_runs_of_stopped_workers(instance_only(), pids, f"{service} was stopped while this run executed"):
+    instance = instance_only()
+
+    def after_stop(pids: set[int]) -> None:
+        for line in end_runs_of_stopped_workers(instance, pids, f"{service} was stopped while this run executed"):
             print(f"cvops: {line}", file=sys.stderr, flush=True)
 
     return after_stop

@@ -21,7 +21,7 @@ logger = logging.getLogger("cvops")
 
 #: Seconds a service gets to shut down by itself after SIGINT before it is terminated, and
 #: then killed 2 s later: together well inside the 15 s a service manager is promised.
-GRACEFUL_STOP_S = 8.0
+GRACEFUL_STOP_S = 6.0
 #: The most a stop may take (graceful + SIGTERM + SIGKILL), documented in the README.
 STOP_BUDGET_S = 15.0
 #: ``dagster dev`` tells every start to "use dg dev"; `dg` is a separate project tool this

@@ -80,7 +80,7 @@ def stop_process_tree(pid: int, grace_s: float = 8.0, term_s: float = 2.0) -> li
     _, alive_after = psutil.wait_procs(list(alive.values()), timeout=term_s)
     leftovers = [p for p in alive_after if _alive(p)] + [p for p in members() if p.pid not in alive]
     send(leftovers, signal.SIGKILL)
-    psutil.wait_procs(leftovers, timeout=2.0)
+    psutil.wait_procs(leftovers, timeout=1.0)
     return sorted(p.pid for p in leftovers)
 
 
