@@ -15,7 +15,17 @@ from dagster import (
 from pydantic import Field
 
 from assets.automation import ON_UPSTREAM_UPDATE
-from assets.metadata import ASSET_OWNERS, artifact, dataset_overview, figure, json_value, parquet_table_metadata, safe_metadata, table
+from assets.metadata import (
+    ASSET_OWNERS,
+    artifact,
+    counts_table,
+    dataset_overview,
+    figure,
+    json_value,
+    parquet_table_metadata,
+    safe_metadata,
+    table,
+)
 from cvops_dagster.datasets.cleaning import CleaningConfig, clean_dataset
 from cvops_dagster.ingestion.ingest import read_raw_manifests
 from cvops_dagster.datasets.validation import ValidationConfig, validate_dataset
@@ -76,14 +86,14 @@ def cleaned_dataset(
             "clean": summary["clean"],
             "duplicates": summary["duplicates"],
             "quarantined": summary["quarantined"],
-            "quarantine_reasons": json_value(summary["quarantine_reasons"]),
-            "splits": json_value(summary["splits"]),
-            "classes": json_value(summary["classes"]),
+            "quarantine_reasons": counts_table(summary["quarantine_reasons"], "reason", "files"),
+            "splits": counts_table(summary["splits"], "split", "images"),
+            "classes": counts_table(summary["classes"], "label", "images"),
             "mode": result.mode,
             "image_size": json_value(result.dataset_info.get("image_size")),
             "gx_success": report.success,
             "accepted": report.success,
-            "gx_statistics": json_value(report.statistics),
+            "gx_statistics": counts_table(report.statistics, "statistic", "value", by_count=False),
             "quarantine_examples": table(result.quarantine_examples, limit=50),
             **dataset_overview(artifact_store.storage, result.manifest, cleaning.decode, context.log),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),

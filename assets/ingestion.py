@@ -11,7 +11,7 @@ from dagster import (
     asset,
 )
 
-from assets.metadata import ASSET_OWNERS, artifact, json_value, parquet_table_metadata, safe_metadata, table
+from assets.metadata import ASSET_OWNERS, artifact, counts_table, parquet_table_metadata, safe_metadata, table
 from assets.partitions import image_batches
 from cvops_dagster.ingestion.ingest import ingest_batch
 from resources.storage import ArtifactStore, ImageSource
@@ -47,8 +47,8 @@ def raw_images(
             "fingerprint": fingerprint,
             "bytes": result.bytes_ingested,
             "rejected": result.rejected,
-            "rejected_reasons": json_value(summary["rejected_reasons"]),
-            "labels": json_value(summary["labels"]),
+            "rejected_reasons": counts_table(summary["rejected_reasons"], "reason", "files"),
+            "labels": counts_table(summary["labels"], "label", "files"),
             "manifest": MetadataValue.path(artifact_store.uri(result.manifest_key)),
             "uri": artifact(artifact_store.uri(result.manifest_key)),
             "content_version": result.content_version,

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+from dagster import MetadataValue, TableColumn, TableMetadataValue, TableRecord, TableSchema
 
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.datasets.manifest import class_breakdown, quarantine_breakdown
@@ -138,6 +138,31 @@ def records_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, str],
     shown = rows if limit is None else rows[:limit]
     records = [TableRecord({name: _cell(row.get(name), kind) for name, kind in columns.items()}) for row in shown]
     return MetadataValue.table(records, schema=schema)
+
+
+def counts_table(counts: Mapping[str, Any], name: str = "name", value: str = "count", by_count: bool = True) -> MetadataValue:
+    """A mapping of names to numbers (labels, splits, reasons, statistics) as a two-column
+    table the UI sorts, instead of a JSON object; largest first, ties by name (``by_count``),
+    else in the mapping's own order.
+
+    ``cvops status --json`` reads such a table back as the mapping (:func:`table_as_mapping`).
+    """
+    numbers = {str(k): json_safe(v) for k, v in counts.items()}
+    kind = INT if all(isinstance(v, int) and not isinstance(v, bool) for v in numbers.values()) else FLOAT
+    items = sorted(numbers.items(), key=lambda kv: (-(kv[1] or 0), kv[0])) if by_count else list(numbers.items())
+    rows = [{name: k, value: v} for k, v in items]
+    return records_table(rows, {name: STRING, value: kind})
+
+
+def table_as_mapping(value: Any) -> dict[str, Any] | None:  # noqa: ANN401 - any metadata value
+    """The mapping a :func:`counts_table` holds (a table of exactly a string column and a
+    number column); None for any other value."""
+    if not isinstance(value, TableMetadataValue) or value.schema is None or len(value.schema.columns) != 2:
+        return None
+    key, number = value.schema.columns
+    if key.type != STRING or number.type not in (INT, FLOAT):
+        return None
+    return {record.data[key.name]: record.data[number.name] for record in value.records}
 
 
 def pandas_column_type(dtype: Any) -> str:

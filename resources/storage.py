@@ -68,13 +68,15 @@ class ImageSource(ConfigurableResource):
 
 def artifact_store_from_env() -> ArtifactStore:
     return ArtifactStore(
-        root=_env_or_default(settings.ARTIFACT_ROOT_ENV, settings.DEFAULT_ARTIFACT_ROOT),
+        # The project's default when the variable is unset: `dagster dev` or the daemon started by
+        # hand from another folder still use <project>/.cvops (see core.settings).
+        root=_env_or_default(settings.ARTIFACT_ROOT_ENV, settings.artifact_root()),
         s3_endpoint_url=_env_or_default(settings.S3_ENDPOINT_ENV, None),
     )
 
 
 def image_source_from_env() -> ImageSource:
     return ImageSource(
-        root=_env_or_default(settings.LANDING_ENV, settings.DEFAULT_LANDING),
+        root=_env_or_default(settings.LANDING_ENV, settings.landing_root()),
         s3_endpoint_url=_env_or_default(settings.S3_ENDPOINT_ENV, None),
     )

@@ -57,7 +57,9 @@ def daemon_serves_queue(instance: Any, now: float | None = None) -> bool:
     from dagster._core.run_coordinator.queued_run_coordinator import QueuedRunCoordinator
 
     if not isinstance(instance.run_coordinator, QueuedRunCoordinator):
-        return True  # a coordinator that launches at once (DefaultRunCoordinator) needs no daemon
+        # A coordinator that launches at once (DefaultRunCoordinator) would hand the run to the
+        # run launcher, which cannot start a run of this in-process location: execute it here.
+        return False
     beat = instance.get_daemon_heartbeats().get("QUEUED_RUN_COORDINATOR")
     return beat is not None and (now if now is not None else time.time()) - beat.timestamp < DAEMON_STALE_S
 
@@ -152,17 +154,22 @@ class CodeLocationLauncher:
         """
         from dagster import DagsterRunStatus
 
-        self.instance.submit_run(run.run_id, self._workspace.create_request_context())
         try:
+            self.instance.submit_run(run.run_id, self._workspace.create_request_context())
             while True:
                 current = self.instance.get_run_by_id(run.run_id)
                 if current.is_finished:
                     return current
-                if current.status == DagsterRunStatus.QUEUED and not daemon_serves_queue(self.instance):
-                    self.instance.report_run_canceled(current, "the Dagster daemon stopped while this run waited in its queue")
+                if not daemon_serves_queue(self.instance):
+                    if current.status == DagsterRunStatus.QUEUED:
+                        self.instance.report_run_canceled(current, "the Dagster daemon stopped while this run waited in its queue")
+                        raise RuntimeError(
+                            f"the Dagster daemon serving this instance stopped while run {run.run_id} waited in its queue; "
+                            "it was canceled: start `cvops watch` (or stop it for good) and run the command again"
+                        )
                     raise RuntimeError(
-                        f"the Dagster daemon serving this instance stopped while run {run.run_id} waited in its queue; "
-                        "it was canceled: start `cvops watch` (or stop it for good) and run the command again"
+                        f"the Dagster daemon serving this instance stopped while run {run.run_id} was {current.status.value}; "
+                        "no longer following it: `cvops status` or `cvops ui` show how it ends"
                     )
                 time.sleep(FOLLOW_POLL_S)
         except KeyboardInterrupt:

@@ -290,7 +290,10 @@ def reap_dead_runs(instance: Any) -> list[str]:
 
     lines = []
     for run in instance.get_runs(filters=RunsFilter(statuses=_unfinished())):
-        if process_is_gone(run.tags) is True:
+        # A re-execution or an automatic retry copies its parent's tags, cvops's process
+        # identity among them, but a run worker executes it: judge only runs cvops executed.
+        executed_by_worker = run.parent_run_id is not None or ".dagster/grpc_info" in run.tags
+        if not executed_by_worker and process_is_gone(run.tags) is True:
             instance.report_run_failed(
                 run, f"its cvops process (pid {run.tags.get('cvops/pid')}) is gone: killed or crashed; failed by a later cvops command"
             )
@@ -383,7 +386,8 @@ def _abandon_after_grace(instance_getter: Callable[[], Any], signum: int) -> Non
 
 
 def _unfinished() -> list[Any]:
-    """Run statuses of a run some process still owns (Dagster imported on use)."""
+    """Run statuses of a run some process still owns (Dagster imported on use): NOT_STARTED
+    too, for a run created by a cvops process that died before executing it."""
     from dagster import DagsterRunStatus
 
-    return [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    return [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]

@@ -49,32 +49,43 @@ def run_service(command: Sequence[str], name: str, after_stop: Callable[[set[int
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        received.append(signum)
+        received.append(signum)  # repeats are ignored: the stop below is already bounded
         requested.set()
 
-    # Handlers first: a stop request that arrives while the child starts is not lost.
+    # Handlers first: a stop request that arrives while the child starts is not lost. They
+    # stay until the stop is done, so a second Ctrl-C cannot cut it short.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    print(" ".join(command), flush=True)
-    child = subprocess.Popen(list(command), start_new_session=True)
     try:
+        _say(" ".join(command))
+        child = subprocess.Popen(list(command), start_new_session=True)
         while child.poll() is None and not requested.wait(0.5):
             pass
+        if not requested.is_set():
+            stop_process_tree(child.pid, grace_s=1.0, term_s=1.0)  # anything it left behind
+            return int(child.returncode or 0)
+        _say(f"cvops: stopping {name} (signal {received[0]})...", err=True)
+        pids = {p.pid for p in process_tree(child.pid)}
+        try:
+            killed = stop_process_tree(child.pid, grace_s=GRACEFUL_STOP_S)
+        finally:
+            child.wait(timeout=5)
+        if killed:
+            logger.warning("%s: killed %d process(es) that did not stop in time: %s", name, len(killed), killed)
+        if after_stop is not None:
+            try:
+                after_stop(pids)
+            except Exception:  # noqa: BLE001 - the service is stopped; bookkeeping must not hang or fail that
+                logger.warning("could not end the runs of %s's workers", name, exc_info=True)
+        _say(f"cvops: {name} stopped", err=True)
+        return 0
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if not requested.is_set():
-        stop_process_tree(child.pid, grace_s=1.0, term_s=1.0)  # anything it left behind
-        return int(child.returncode or 0)
-    print(f"cvops: stopping {name} (signal {received[0]})...", file=sys.stderr, flush=True)
-    pids = {p.pid for p in process_tree(child.pid)}
-    killed = stop_process_tree(child.pid, grace_s=GRACEFUL_STOP_S)
-    child.wait(timeout=5)
-    if killed:
-        logger.warning("%s: killed %d process(es) that did not stop in time: %s", name, len(killed), killed)
-    if after_stop is not None:
-        try:
-            after_stop(pids)
-        except Exception:  # noqa: BLE001 - the service is stopped; bookkeeping must not hang or fail that
-            logger.warning("could not end the runs of %s's workers", name, exc_info=True)
-    print(f"cvops: {name} stopped", file=sys.stderr, flush=True)
-    return 0
+
+
+def _say(text: str, err: bool = False) -> None:
+    """Print, best effort: after SIGHUP the terminal may be gone (EIO), and the stop goes on."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except OSError:
+        pass

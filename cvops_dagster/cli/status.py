@@ -37,11 +37,17 @@ _ACTIVE_RUN_STATUSES = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "MANAGED
 
 
 def _metadata_to_json(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Plain figures from materialization metadata; plots and tables stay in the UI."""
+    """Plain figures from materialization metadata; plots and tables stay in the UI, except
+    counts tables (name -> number), which come back as the mapping they show."""
     from dagster import JsonMetadataValue, MarkdownMetadataValue, PathMetadataValue, TableMetadataValue
+
+    from assets.metadata import table_as_mapping
 
     out: dict[str, Any] = {}
     for name, value in metadata.items():
+        if (counts := table_as_mapping(value)) is not None:
+            out[name] = counts
+            continue
         if isinstance(value, (MarkdownMetadataValue, TableMetadataValue)):
             continue
         if isinstance(value, JsonMetadataValue):

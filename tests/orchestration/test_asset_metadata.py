@@ -36,6 +36,7 @@ from cvops_dagster.definitions import build_definitions, defs
 from resources.catalog import ASSET_OWNERS_ENV, DEFAULT_ASSET_OWNERS
 from resources.storage import ArtifactStore, ImageSource
 from tests.unit.synthetic_datasets import shape_image
+from assets.metadata import table_as_mapping
 
 REPO = Path(__file__).resolve().parents[2]
 #: An inline PNG in Markdown metadata.
@@ -125,7 +126,7 @@ def test_raw_images_manifest_schema_row_count_uri_and_typed_preview(dataset_meta
     assert types["size_bytes"] == "int" and types["path"] == "string"
     assert all(isinstance(r["size_bytes"], int) for r in _rows(raw["preview"]) if r["size_bytes"] is not None)
     # The figures cvops status reports keep their keys and JSON types.
-    assert raw["labels"].data == {"circle": 7, "hbar": 7, "vbar": 7}
+    assert table_as_mapping(raw["labels"]) == {"circle": 7, "hbar": 7, "vbar": 7}
 
 
 def test_cleaned_dataset_tables_schema_and_artifacts(dataset_metadata) -> None:  # noqa: ANN001
@@ -148,12 +149,12 @@ def test_cleaned_dataset_tables_schema_and_artifacts(dataset_metadata) -> None: 
     assert all(r["train"] + r["val"] + r["test"] == r["clean"] for r in rows.values())
     assert abs(sum(r["share"] for r in rows.values()) - 1.0) < 1e-3
     # JSON figures read back by `cvops status --json` stay as they were.
-    assert cleaned["classes"].data == {k: r["clean"] for k, r in rows.items()}
-    assert sum(cleaned["splits"].data.values()) == cleaned["clean"].value
+    assert table_as_mapping(cleaned["classes"]) == {k: r["clean"] for k, r in rows.items()}
+    assert sum(table_as_mapping(cleaned["splits"]).values()) == cleaned["clean"].value
 
     reasons = {r["reason"]: r for r in _rows(cleaned["quarantine_by_reason"])}
     assert _columns(cleaned["quarantine_by_reason"])["files"] == "int"
-    assert set(reasons) == set(cleaned["quarantine_reasons"].data) >= {"label_conflict", "format_not_allowed"}
+    assert set(reasons) == set(table_as_mapping(cleaned["quarantine_reasons"])) >= {"label_conflict", "format_not_allowed"}
     assert reasons["label_conflict"]["decoded"] == 2 and reasons["format_not_allowed"]["decoded"] == 0
     assert _columns(cleaned["quarantine_examples"])["count"] == "int"
     assert isinstance(cleaned["decode_seconds"].value, float)

@@ -26,6 +26,7 @@ from assets.ingestion import raw_images
 from assets.training import hpo_study
 from resources.storage import ArtifactStore, ImageSource
 from resources.tuning import OptunaStorage
+from assets.metadata import table_as_mapping
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +137,7 @@ def test_hostile_landing_zone_fails_the_blocking_check_and_trains_nothing(tmp_pa
         assert metadata["accepted"].value is False and metadata["gx_success"].value is False
         assert metadata["input"].value > 500
         assert metadata["clean"].value + metadata["duplicates"].value + metadata["quarantined"].value == metadata["input"].value
-        reasons = metadata["quarantine_reasons"].value
+        reasons = table_as_mapping(metadata["quarantine_reasons"])
         assert {"decompression_bomb", "format_not_allowed", "label_conflict"} <= set(reasons), reasons
 
         checks = [e for e in result.get_asset_check_evaluations() if e.check_name == CHECK_EXPECTATIONS]

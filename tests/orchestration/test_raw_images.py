@@ -15,6 +15,7 @@ from assets.ingestion import raw_images
 from cvops_dagster.ingestion.ingest import raw_manifest_key
 from cvops_dagster.core.storage import ArtifactStorage
 from resources.storage import ArtifactStore, ImageSource
+from assets.metadata import table_as_mapping
 
 
 def png(value: int) -> bytes:
@@ -94,8 +95,8 @@ def test_hostile_batch_is_accounted_for(tmp_path: Path) -> None:
     assert stored == set(manifest.loc[manifest["status"] == "ingested", "image_key"])
     assert metadata["files"].value == 5
     assert metadata["rejected"].value == len(manifest) - 5
-    assert metadata["rejected_reasons"].data["symlink"] == 3
-    assert metadata["labels"].data == {"cat": 2, "dog": 3}
+    assert table_as_mapping(metadata["rejected_reasons"])["symlink"] == 3
+    assert table_as_mapping(metadata["labels"]) == {"cat": 2, "dog": 3}
 
 
 def test_rematerializing_is_idempotent(tmp_path: Path) -> None:
