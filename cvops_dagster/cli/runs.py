@@ -146,12 +146,15 @@ def _launch(
     from cvops_dagster.cli.launch import IN_PROCESS_EXECUTION
 
     config = {**_QUIET_LOGS, **run_config} if queued else {**_QUIET_LOGS, **IN_PROCESS_EXECUTION, **run_config}
+    _check_stop()
     with _Progress(launcher.instance, label, owned=not queued) as progress:
         run = launcher.create_run(job_name, run_config=config, tags=progress.tags, **selection)
         if queued:
             print(f"  queued as run {run.run_id} for the Dagster daemon serving this instance", flush=True)
             return launcher.submit(run)
-        return launcher.execute_here(run)
+        finished = launcher.execute_here(run)
+    _check_stop()  # interrupted inside the run: Dagster failed it; stop here, exit 130
+    return finished
 
 
 def run_lifecycle(
@@ -353,20 +356,57 @@ def wait_for_pool(instance: Any, pool: str, echo: Callable[[str], None] = print,
         reap_dead_runs(instance)
 
 
+#: Set once SIGTERM or SIGINT reached this process, whoever's handler ran (see below).
+STOP_REQUESTED = threading.Event()
+
+
 def install_stop_handlers(instance_getter: Callable[[], Any]) -> None:
     """SIGTERM stops the command like Ctrl-C; if it has not stopped within :data:`STOP_GRACE_S`
     seconds (``$CVOPS_STOP_GRACE_S``; a step blocked inside Dagster), its unfinished runs are
     marked canceled, their slots freed, and the process exits, so a service manager can always
-    stop it."""
+    stop it.
+
+    While a run executes in this process, Dagster swaps in its own SIGINT/SIGTERM handlers
+    (they interrupt the step and fail the run). The signal is still seen here through
+    ``signal.set_wakeup_fd``, which the interpreter writes to whichever Python handler is
+    installed: the grace timer is armed all the same, and :data:`STOP_REQUESTED` tells the
+    command to stop after the interrupted run instead of starting the next one.
+    """
+    import os
     import signal
 
+    armed = threading.Lock()
+
+    def stop(signum: int) -> None:
+        STOP_REQUESTED.set()
+        if armed.acquire(blocking=False):  # one grace timer, whichever path saw the signal first
+            threading.Thread(target=_abandon_after_grace, args=(instance_getter, signum), daemon=True).start()
+
     def on_signal(signum: int, frame: Any) -> None:
-        threading.Thread(target=_abandon_after_grace, args=(instance_getter, signum), daemon=True).start()
+        stop(signum)
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
         raise KeyboardInterrupt
 
+    def watch_wakeups(read_fd: int) -> None:
+        while True:
+            for signum in os.read(read_fd, 64):
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    stop(signum)
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    # A forked child (a decode worker pebble terminates, say) must not report its signals here.
+    os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
+    threading.Thread(target=watch_wakeups, args=(read_fd,), daemon=True, name="cvops-signals").start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+
+
+def _check_stop() -> None:
+    """Stop between runs once a signal arrived (Dagster may have consumed it inside a run)."""
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt
 
 
 def _abandon_after_grace(instance_getter: Callable[[], Any], signum: int) -> None:
