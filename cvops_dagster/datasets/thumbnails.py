@@ -91,13 +91,14 @@ def pick_samples(rows: pd.DataFrame, group_column: str, per_group: int, max_grou
     """Up to ``per_group`` rows per value of ``group_column``, for the ``max_groups`` largest groups.
 
     Rows are ordered by ``sample_id`` within a group (stable, spread over batches), one per
-    distinct ``sample_id``; groups with most rows come first, then by name.
+    distinct ``sample_id``; the largest groups are kept, shown in name order (labels read
+    0, 1, 2, ... as a user expects).
     """
     if rows.empty:
         return {}
     groups = _group_names(rows[group_column])
     sizes = groups.value_counts()
-    order = sorted(sizes.index, key=lambda g: (-int(sizes[g]), g))[:max_groups]
+    order = sorted(sorted(sizes.index, key=lambda g: (-int(sizes[g]), g))[:max_groups])
     ordered = rows.assign(_group=groups.to_numpy()).sort_values(["sample_id", "record_id"], na_position="last", kind="stable")
     # One thumbnail per file: the copies of a label conflict share their sample_id.
     distinct = ordered[~ordered.duplicated(["_group", "sample_id"]) | ordered["sample_id"].isna()]

@@ -51,12 +51,12 @@ def storage(tmp_path: Path) -> ArtifactStorage:
     return ArtifactStorage(str(tmp_path / "artifacts"))
 
 
-def test_pick_samples_is_bounded_stable_and_largest_groups_first(storage: ArtifactStorage) -> None:
+def test_pick_samples_is_bounded_stable_and_keeps_the_largest_groups_in_name_order(storage: ArtifactStorage) -> None:
     rows = [_row(n, label, "clean", None, storage) for n, label in enumerate(["a"] * 9 + ["b"] * 3 + ["c"] * 5 + ["d"])]
     manifest = _manifest(rows)
     picked = pick_samples(manifest, "label", per_group=4, max_groups=3)
-    assert list(picked) == ["a", "c", "b"]  # most rows first; "d" cut at max_groups
-    assert [len(g) for g in picked.values()] == [4, 4, 3]
+    assert list(picked) == ["a", "b", "c"]  # the largest groups, in name order; "d" cut at max_groups
+    assert [len(g) for g in picked.values()] == [4, 3, 4]
     assert list(picked["a"]["sample_id"]) == sorted(manifest.loc[manifest["label"] == "a", "sample_id"])[:4]
     shuffled = pick_samples(manifest.sample(frac=1.0, random_state=3), "label", per_group=4, max_groups=3)
     assert all(list(shuffled[g]["record_id"]) == list(picked[g]["record_id"]) for g in picked)
