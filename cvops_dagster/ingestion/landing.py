@@ -1,9 +1,11 @@
-"""The landing zone: where labelled image batches arrive, as folders or S3 prefixes.
+"""The landing zone: where image batches arrive, as folders or S3 prefixes.
 
-A batch is ``<root>/<batch_id>/<label>/<file>`` and is complete once ``_READY`` exists in it.
-Production (unlabelled) batches live under ``<root>/production/<batch_id>/``. Listing a batch
-never follows symlinks and never trusts a name: every entry is classified as accepted or
-rejected with a reason, so the caller can account for every file.
+A labelled batch is ``<root>/<batch_id>/<label>/<file>`` and is complete once ``_READY`` exists
+in it. Production (unlabelled) batches live under ``<root>/production/<batch_id>/<file>``: image
+files at the top of the batch folder, no label folders, the same ``_READY`` rule; their
+``labels.csv`` (delayed labels, see :mod:`cvops_dagster.ingestion.labels`) is a control file,
+never an image. Listing a batch never follows symlinks and never trusts a name: every entry is
+classified as accepted or rejected with a reason, so the caller can account for every file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ logger = logging.getLogger(__name__)
 
 READY_MARKER = "_READY"
 PRODUCTION_DIR = "production"
+#: Delayed labels of a production batch, at the top of its folder (header ``file,label``).
+LABELS_FILE = "labels.csv"
+#: Names at the top of a batch folder that steer the pipeline and are never images: left out
+#: of the entries (and so of the batch fingerprint), never rejected as images. A folder under
+#: such a name is not a control file: its files are listed (and rejected) like any other.
+CONTROL_FILES = frozenset({READY_MARKER})
+PRODUCTION_CONTROL_FILES = frozenset({READY_MARKER, LABELS_FILE})
 
 # Rejection reasons, stable strings that show in manifests, metadata and `cvops status`.
 REJECT_SYMLINK = "symlink"
@@ -35,6 +44,8 @@ REJECT_EMPTY_LABEL = "empty_label_folder"
 REJECT_NO_LABEL = "not_in_label_folder"
 REJECT_UNREADABLE = "unreadable"
 REJECT_BAD_NAME = "undecodable_name"
+#: A production batch holds image files at its top only: anything in a subfolder is rejected.
+REJECT_IN_SUBFOLDER = "in_subfolder"
 
 
 @dataclass(frozen=True)
@@ -77,11 +88,14 @@ def _is_valid_text(name: str) -> bool:
     return True
 
 
-def _empty_folder(rel: str) -> BatchEntry:
+def _empty_folder(rel: str, production: bool = False) -> BatchEntry:
     if not _is_valid_text(rel):
         return BatchEntry(printable_name(rel) + "/", None, None, REJECT_BAD_NAME)
-    label = rel.split("/")[0]
-    reason = REJECT_HIDDEN if any(p.startswith(".") for p in rel.split("/")) else REJECT_EMPTY_LABEL
+    label = None if production else rel.split("/")[0]
+    if any(p.startswith(".") for p in rel.split("/")):
+        reason = REJECT_HIDDEN
+    else:
+        reason = REJECT_IN_SUBFOLDER if production else REJECT_EMPTY_LABEL
     return BatchEntry(rel + "/", label, None, reason)
 
 
@@ -90,15 +104,26 @@ def printable_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def classify(rel: str, *, is_link: bool, is_regular: bool, size: int | None) -> BatchEntry:
-    """Decide whether one entry of a batch is a candidate file, and why not if it is not."""
+def classify(
+    rel: str, *, is_link: bool, is_regular: bool, size: int | None, production: bool = False
+) -> BatchEntry:
+    """Decide whether one entry of a batch is a candidate file, and why not if it is not.
+
+    Args:
+        rel: the entry's name relative to the batch folder, ``/``-separated, as listed.
+        is_link: the entry is a symlink (never followed).
+        is_regular: the entry is a regular file.
+        size: its size in bytes.
+        production: a production batch: files belong at the top of the batch folder (no
+            label folders, so no label); anything in a subfolder is ``in_subfolder``.
+    """
     label: str | None = None
     if not _is_valid_text(rel):
         return BatchEntry(printable_name(rel), None, size, REJECT_BAD_NAME)
     parts = safe_relative_parts(rel)
     if parts is None:
         return BatchEntry(rel, None, size, REJECT_ESCAPES)
-    if len(parts) >= 2:
+    if len(parts) >= 2 and not production:
         label = unicodedata.normalize("NFC", parts[0])
     if is_link:
         return BatchEntry(rel, label, size, REJECT_SYMLINK)
@@ -106,7 +131,9 @@ def classify(rel: str, *, is_link: bool, is_regular: bool, size: int | None) -> 
         return BatchEntry(rel, label, size, REJECT_NOT_REGULAR)
     if any(p.startswith(".") for p in parts):
         return BatchEntry(rel, label, size, REJECT_HIDDEN)
-    if len(parts) < 2:
+    if production and len(parts) >= 2:
+        return BatchEntry(rel, None, size, REJECT_IN_SUBFOLDER)
+    if len(parts) < 2 and not production:
         return BatchEntry(rel, None, size, REJECT_NO_LABEL)
     if not size:
         return BatchEntry(rel, label, size, REJECT_EMPTY_FILE)
@@ -128,6 +155,9 @@ class LandingZone:
     def _batch_base(self, batch_id: str, production: bool = False) -> str:
         if safe_relative_parts(batch_id) is None or "/" in batch_id:
             raise ValueError(f"invalid batch id {batch_id!r}")
+        if not production and batch_id == PRODUCTION_DIR:
+            # The folder holding the production batches is never a labelled batch.
+            raise ValueError(f"{PRODUCTION_DIR!r} holds production batches; it is not a labelled batch")
         return f"{self._base}/{PRODUCTION_DIR}/{batch_id}" if production else f"{self._base}/{batch_id}"
 
     def list_complete_batches(self, production: bool = False) -> list[str]:
@@ -142,6 +172,9 @@ class LandingZone:
         after marking it ready rewrites ``_READY``, which changes its stamp.
         """
         base = f"{self._base}/{PRODUCTION_DIR}" if production else self._base
+        if self.is_local and production and os.path.islink(base):
+            logger.warning("ignoring symlinked production folder %s", base)
+            return {}
         if not self.fs.exists(base):
             return {}
         markers: dict[str, str] = {}
@@ -153,6 +186,11 @@ class LandingZone:
                 continue
             if self.is_local and os.path.islink(f"{base}/{name}"):
                 logger.warning("ignoring symlinked batch folder %s", name)
+                continue
+            if safe_relative_parts(name) is None or not _is_valid_text(name):
+                # No batch id can address it (a backslash, undecodable bytes): a warning
+                # here rather than an error in every sensor tick that would fingerprint it.
+                logger.warning("ignoring batch folder with an unusable name %s", printable_name(name))
                 continue
             stamp = self._marker_stamp(f"{base}/{name}/{READY_MARKER}")
             if stamp is not None:
@@ -173,22 +211,21 @@ class LandingZone:
         return str(info.get("ETag") or info.get("LastModified") or info.get("size"))
 
     def list_entries(self, batch_id: str, production: bool = False) -> list[BatchEntry]:
-        """Every entry of a batch, classified; ``_READY`` itself is not an entry."""
+        """Every entry of a batch, classified and sorted by path.
+
+        Control files at the top of the batch folder (``_READY``; for a production batch also
+        ``labels.csv``) are not entries. In a production batch the accepted entries are the
+        files at the top of the folder, with no label; anything in a subfolder is rejected
+        (``in_subfolder``).
+        """
         base = self._batch_base(batch_id, production)
-        entries = self._walk_local(base) if self.is_local else self._walk_remote(base)
-        if production:
-            # Production batches carry no label folders: files sit at the batch root.
-            entries = [
-                dataclasses.replace(e, label=None, reason=None if e.reason == REJECT_NO_LABEL else e.reason)
-                if e.reason in (None, REJECT_NO_LABEL) and "/" not in e.path
-                else e
-                for e in entries
-            ]
+        entries = self._walk_local(base, production) if self.is_local else self._walk_remote(base, production)
         return sorted(entries, key=lambda e: e.path)
 
-    def _walk_local(self, base: str) -> list[BatchEntry]:
+    def _walk_local(self, base: str, production: bool = False) -> list[BatchEntry]:
         entries: list[BatchEntry] = []
         root = Path(base)
+        control = PRODUCTION_CONTROL_FILES if production else CONTROL_FILES
 
         def walk(folder: Path, rel_prefix: str) -> int:
             found = 0
@@ -200,25 +237,28 @@ class LandingZone:
                 return 1
             for entry in listing:
                 rel = f"{rel_prefix}{entry.name}"
-                if rel == READY_MARKER:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if rel in control and not is_dir:
                     continue
                 found += 1
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:  # vanished or unreadable between listing and stat
-                    entries.append(BatchEntry(printable_name(rel), rel.split("/")[0] if "/" in rel else None, None, REJECT_UNREADABLE))
+                    label = rel.split("/")[0] if "/" in rel and not production else None
+                    entries.append(BatchEntry(printable_name(rel), label, None, REJECT_UNREADABLE))
                     continue
-                if entry.is_dir(follow_symlinks=False):
+                if is_dir:
                     # Hidden and oddly named folders are walked too: classify() rejects
                     # each file inside with its reason, so every file is accounted for.
                     if walk(Path(entry.path), rel + "/") == 0:
-                        entries.append(_empty_folder(rel))
+                        entries.append(_empty_folder(rel, production))
                     continue
                 entry_info = classify(
                     rel,
                     is_link=stat.S_ISLNK(st.st_mode),
                     is_regular=stat.S_ISREG(st.st_mode),
                     size=st.st_size,
+                    production=production,
                 )
                 entries.append(dataclasses.replace(entry_info, stamp=str(st.st_mtime_ns)))
             return found
@@ -226,17 +266,20 @@ class LandingZone:
         walk(root, "")
         return entries
 
-    def _walk_remote(self, base: str) -> list[BatchEntry]:
+    def _walk_remote(self, base: str, production: bool = False) -> list[BatchEntry]:
         entries: list[BatchEntry] = []
         prefix = base.rstrip("/") + "/"
+        control = PRODUCTION_CONTROL_FILES if production else CONTROL_FILES
         for path, info in sorted(self.fs.find(base, detail=True, withdirs=False).items()):
             path = str(path).split("://", 1)[-1]
             if not path.startswith(prefix):
                 continue
             rel = path[len(prefix):]
-            if rel == READY_MARKER:
+            if rel in control:
                 continue
-            entry_info = classify(rel, is_link=False, is_regular=True, size=int(info.get("size") or 0))
+            entry_info = classify(
+                rel, is_link=False, is_regular=True, size=int(info.get("size") or 0), production=production
+            )
             stamp = info.get("ETag") or info.get("LastModified")
             entries.append(dataclasses.replace(entry_info, stamp=str(stamp) if stamp else None))
         return entries
@@ -261,8 +304,47 @@ class LandingZone:
             return f.read()
 
     def fingerprint(self, batch_id: str, production: bool = False) -> str:
-        """A short hash of a batch's file list and sizes: changes when files are added or replaced."""
-        digest = hashlib.sha256()
-        for entry in self.list_entries(batch_id, production):
-            digest.update(f"{entry.path}\0{entry.size}\0{entry.stamp}\0{entry.reason}\n".encode("utf-8", "backslashreplace"))
-        return digest.hexdigest()[:16]
+        """A short hash of a batch's file list and sizes: changes when files are added or replaced.
+
+        Control files are not entries, so a production batch's fingerprint stays the same when
+        only its ``labels.csv`` appears or changes (see :meth:`labels_fingerprint`).
+        """
+        return entries_fingerprint(self.list_entries(batch_id, production))
+
+    def labels_path(self, batch_id: str) -> str:
+        """Where a production batch's ``labels.csv`` is (a path, or a key without its protocol)."""
+        return f"{self._batch_base(batch_id, production=True)}/{LABELS_FILE}"
+
+    def labels_fingerprint(self, batch_id: str) -> str | None:
+        """A stamp of a production batch's ``labels.csv`` (mtime and size, or ETag and size), or
+        ``None`` when there is none (a folder of that name is no labels file).
+
+        Cheap (one ``stat`` or HEAD) and separate from :meth:`fingerprint`: a sensor notices
+        labels arriving or changing without the batch's images counting as changed. A symlink
+        is stamped, never followed: reading it is refused with its reason.
+        """
+        path = self.labels_path(batch_id)
+        if self.is_local:
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                return None
+            return f"{st.st_mtime_ns}:{st.st_size}"
+        try:
+            info = self.fs.info(path)
+        except (FileNotFoundError, OSError):
+            return None
+        if info.get("type") == "directory":
+            return None
+        stamp = info.get("ETag") or info.get("LastModified") or ""
+        return f"{stamp}:{info.get('size')}"
+
+
+def entries_fingerprint(entries: list[BatchEntry]) -> str:
+    """A short hash of listed entries (paths, sizes, stamps, outcomes): a batch's fingerprint."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(f"{entry.path}\0{entry.size}\0{entry.stamp}\0{entry.reason}\n".encode("utf-8", "backslashreplace"))
+    return digest.hexdigest()[:16]
