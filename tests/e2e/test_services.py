@@ -60,10 +60,9 @@ def _stop_and_time(process: subprocess.Popen, signum: int, log: Path) -> list[st
         The command lines of the processes it had started.
     """
     tree = _descendants(process.pid)
-    assert tree, f"the service started no process:\n{log.read_text()}"
     commands = [" ".join(p.cmdline()) for p in tree]
     started = time.monotonic()
-    process.send_signal(signum)
+    process.send_signal(signum)  # first: a failed assertion below must not leave the service running
     try:
         process.wait(timeout=STOP_LIMIT_S)
     except subprocess.TimeoutExpired:
@@ -75,6 +74,7 @@ def _stop_and_time(process: subprocess.Popen, signum: int, log: Path) -> list[st
         p.kill()
     assert not alive, f"left running {STOP_LIMIT_S}s after signal {signum}: {[p.cmdline() for p in alive]}"
     assert process.returncode == 0, log.read_text()
+    assert tree, f"the service started no process:\n{log.read_text()}"
     return commands
 
 
