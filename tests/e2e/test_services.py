@@ -53,6 +53,13 @@ def _descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # it ended meanwhile
+        return []
+
+
 def _stop_and_time(process: subprocess.Popen, signum: int, log: Path) -> list[str]:
     """Send ``signum``; assert the command and every process below it are gone within the limit.
 
@@ -60,7 +67,7 @@ def _stop_and_time(process: subprocess.Popen, signum: int, log: Path) -> list[st
         The command lines of the processes it had started.
     """
     tree = _descendants(process.pid)
-    commands = [" ".join(p.cmdline()) for p in tree]
+    commands = [" ".join(_cmdline(p)) for p in tree]
     started = time.monotonic()
     process.send_signal(signum)  # first: a failed assertion below must not leave the service running
     try:
@@ -72,7 +79,7 @@ def _stop_and_time(process: subprocess.Popen, signum: int, log: Path) -> list[st
     alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     for p in alive:
         p.kill()
-    assert not alive, f"left running {STOP_LIMIT_S}s after signal {signum}: {[p.cmdline() for p in alive]}"
+    assert not alive, f"left running {STOP_LIMIT_S}s after signal {signum}: {[_cmdline(p) for p in alive]}"
     assert process.returncode == 0, log.read_text()
     assert tree, f"the service started no process:\n{log.read_text()}"
     return commands
