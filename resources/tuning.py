@@ -4,7 +4,7 @@ import os
 
 from dagster import ConfigurableResource, EnvVar
 
-OPTUNA_STORAGE_ENV = "CVOPS_OPTUNA_STORAGE"
+from cvops_dagster.core.settings import OPTUNA_STORAGE_ENV
 
 
 class OptunaStorage(ConfigurableResource):

@@ -25,7 +25,7 @@ def apply_overrides(args: argparse.Namespace) -> settings.Roots:
     ``--landing``/``--artifacts`` win over the environment, which wins over the project's
     defaults (see :mod:`cvops_dagster.core.settings`). The resolved roots are then exported as
     absolute ``$CVOPS_LANDING``, ``$CVOPS_ARTIFACT_ROOT``, ``$DAGSTER_HOME`` (and ``$CVOPS_HOME``
-    when a project was found), so what this command starts (an in-process run, the code
+    when a project was found; a relative file path in ``$CVOPS_OPTUNA_STORAGE`` made absolute), so what this command starts (an in-process run, the code
     server and daemon of ``dagster dev``) resolves the same roots whatever its working folder.
     Nothing is created here.
     """
@@ -39,6 +39,8 @@ def apply_overrides(args: argparse.Namespace) -> settings.Roots:
     os.environ[settings.LANDING_ENV] = roots.landing
     os.environ[settings.ARTIFACT_ROOT_ENV] = roots.artifacts
     os.environ[settings.DAGSTER_HOME_ENV] = str(roots.dagster_home)
+    if optuna := os.environ.get(settings.OPTUNA_STORAGE_ENV):
+        os.environ[settings.OPTUNA_STORAGE_ENV] = settings.absolute_optuna_storage(optuna)
     return roots
 
 

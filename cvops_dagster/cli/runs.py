@@ -417,7 +417,7 @@ def _abandon_after_grace(instance_getter: Callable[[], Any], signum: int) -> Non
         from dagster import RunsFilter
 
         instance = instance_getter()
-        mine = {"cvops/pid": str(os.getpid())}
+        mine = process_identity()  # host, pid and start time: never another host's run with this pid
         for run in instance.get_runs(filters=RunsFilter(tags=mine, statuses=_unfinished())):
             instance.report_run_canceled(run, f"cvops stopped by signal {signum}")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)

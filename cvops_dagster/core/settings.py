@@ -183,6 +183,28 @@ def resolve_roots(environ: Mapping[str, str] | None = None, cwd: Path | None = N
     )
 
 
+OPTUNA_STORAGE_ENV = "CVOPS_OPTUNA_STORAGE"
+
+
+def absolute_optuna_storage(url: str, cwd: Path | None = None) -> str:
+    """``url`` with a relative file path made absolute against ``cwd`` (the current folder):
+    a plain path (SQLite ``.db`` or a journal ``.log``) or ``sqlite:///relative.db``. Other
+    URLs (PostgreSQL, ``sqlite://`` in memory, absolute paths) are returned unchanged.
+
+    ``cvops`` exports it so every process it starts (runs, code servers, the daemon) opens the
+    same study whatever its working folder.
+    """
+    base = cwd if cwd is not None else Path.cwd()
+    if "://" not in url:
+        path = Path(url).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and len(url) > len(prefix):
+        rest = url[len(prefix):]
+        return prefix + str((base / rest).resolve())
+    return url
+
+
 def s3_endpoint_url() -> str | None:
     return os.environ.get(S3_ENDPOINT_ENV) or None
 

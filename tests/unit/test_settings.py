@@ -166,3 +166,19 @@ def test_ensure_dagster_home_uses_the_project(tmp_path: Path, monkeypatch: pytes
         monkeypatch.delenv(name, raising=False)
     assert ensure_dagster_home() == project / ".dagster_home"
     assert not (project / "sub" / ".dagster_home").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("study.db", "/work/p/study.db"),
+        ("runs/journal.log", "/work/p/runs/journal.log"),
+        ("/abs/study.db", "/abs/study.db"),
+        ("sqlite:///study.db", "sqlite:////work/p/study.db"),
+        ("sqlite:////abs/study.db", "sqlite:////abs/study.db"),
+        ("sqlite://", "sqlite://"),
+        ("postgresql://u:p@127.0.0.1:5432/optuna", "postgresql://u:p@127.0.0.1:5432/optuna"),
+    ],
+)
+def test_a_relative_optuna_storage_is_made_absolute(url: str, expected: str) -> None:
+    assert settings.absolute_optuna_storage(url, cwd=Path("/work/p")) == expected
