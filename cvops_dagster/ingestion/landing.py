@@ -197,18 +197,30 @@ class LandingZone:
                 markers[name] = stamp
         return markers
 
-    def _marker_stamp(self, path: str) -> str | None:
+    def _control_file_stat(self, path: str) -> tuple[bool, str, int | None] | None:
+        """One look at a control file (``_READY``, ``labels.csv``): whether it is a folder, its
+        change stamp (local ``mtime_ns``, else the object's ETag or LastModified; ``""`` when
+        the store gives neither) and its size; ``None`` when it is absent or unreadable."""
         if self.is_local:
             try:
                 st = os.stat(path, follow_symlinks=False)
             except OSError:
                 return None
-            return f"{st.st_mtime_ns}:{st.st_size}"
+            return stat.S_ISDIR(st.st_mode), str(st.st_mtime_ns), st.st_size
         try:
             info = self.fs.info(path)
         except (FileNotFoundError, OSError):
             return None
-        return str(info.get("ETag") or info.get("LastModified") or info.get("size"))
+        return info.get("type") == "directory", str(info.get("ETag") or info.get("LastModified") or ""), info.get("size")
+
+    def _marker_stamp(self, path: str) -> str | None:
+        found = self._control_file_stat(path)
+        if found is None:
+            return None
+        _, stamp, size = found
+        if self.is_local:
+            return f"{stamp}:{size}"
+        return stamp or str(size)
 
     def list_entries(self, batch_id: str, production: bool = False) -> list[BatchEntry]:
         """Every entry of a batch, classified and sorted by path.
@@ -323,23 +335,11 @@ class LandingZone:
         labels arriving or changing without the batch's images counting as changed. A symlink
         is stamped, never followed: reading it is refused with its reason.
         """
-        path = self.labels_path(batch_id)
-        if self.is_local:
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                return None
-            if stat.S_ISDIR(st.st_mode):
-                return None
-            return f"{st.st_mtime_ns}:{st.st_size}"
-        try:
-            info = self.fs.info(path)
-        except (FileNotFoundError, OSError):
+        found = self._control_file_stat(self.labels_path(batch_id))
+        if found is None or found[0]:
             return None
-        if info.get("type") == "directory":
-            return None
-        stamp = info.get("ETag") or info.get("LastModified") or ""
-        return f"{stamp}:{info.get('size')}"
+        _, stamp, size = found
+        return f"{stamp}:{size}"
 
 
 def entries_fingerprint(entries: list[BatchEntry]) -> str:
