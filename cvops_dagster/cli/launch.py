@@ -46,9 +46,8 @@ FOLLOW_POLL_S = 1.0
 
 def project_directory() -> str:
     """The folder the code location is loaded from: the project root, else the current folder."""
-    finder = getattr(settings, "project_root", None)
-    root = finder() if callable(finder) else None
-    return str(root) if root else os.getcwd()
+    root = settings.project_root()
+    return str(root) if root is not None else os.getcwd()
 
 
 def daemon_serves_queue(instance: Any, now: float | None = None) -> bool:

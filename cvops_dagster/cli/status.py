@@ -106,8 +106,9 @@ def collect_views(instance: Any, defs: Any) -> list[AssetView]:
     from dagster import AssetKey, AssetRecordsFilter
 
     graph = defs.resolve_asset_graph()
+    order = lifecycle_order(graph)
     views = []
-    for key in lifecycle_order(graph):
+    for key in order:
         node = graph.get(key)
         name = key.to_user_string()
         if key == AssetKey("raw_images"):
@@ -126,17 +127,12 @@ def collect_views(instance: Any, defs: Any) -> list[AssetView]:
                 name=name,
                 figures=figures,
                 checks=checks,
-                parents=[k.to_user_string() for k in lifecycle_order_subset(graph, node.parent_keys)],
+                parents=[k.to_user_string() for k in order if k in node.parent_keys],
                 partitioned=bool(node.is_partitioned),
                 later_run=_later_run(instance, key),
             )
         )
     return views
-
-
-def lifecycle_order_subset(graph: Any, keys: Any) -> list[Any]:
-    wanted = set(keys)
-    return [k for k in lifecycle_order(graph) if k in wanted]
 
 
 def _check_results(instance: Any, graph: Any, node: Any) -> dict[str, dict[str, Any]]:
