@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from cvops_dagster.core.processes import stop_process_tree
 
 #: Set (to anything) where the browser must be there: the UI tests then fail instead of skipping.
 REQUIRE_BROWSER_ENV = "CVOPS_REQUIRE_BROWSER"
@@ -68,22 +69,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the process group (webserver and its code server), SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the code server may outlive the webserver: the group goes either way
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the webserver and its code server (its process group) as `cvops ui` stops its own
+    services: SIGINT, then SIGTERM, then SIGKILL (:func:`stop_process_tree`)."""
+    if process.poll() is None:
+        stop_process_tree(process.pid)
     process.wait(timeout=10)
 
 

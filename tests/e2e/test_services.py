@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.e2e.browser import free_port
 from tests.test_cli import cvops
 
 pytestmark = pytest.mark.slow
@@ -162,15 +162,9 @@ def test_watch_runs_the_queue_for_cvops_run_and_stops_on_sigterm(tmp_path: Path)
         assert not unfinished, [(r.run_id, r.job_name, r.status) for r in unfinished]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_ui_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
-    port = _free_port()
+    port = free_port()
     ui, log = _start(tmp_path, "ui", "--port", str(port))
     try:
         deadline = time.monotonic() + 120
