@@ -90,7 +90,10 @@ def _wait_for_daemon(tmp_path: Path, process: subprocess.Popen, log: Path, timeo
     from dagster import DagsterInstance
 
     deadline = time.monotonic() + timeout_s
-    while not (tmp_path / ".dagster_home" / "dagster.yaml").exists():  # the service creates it
+    # The service creates the instance's SQLite storage; opening it here at the same time races
+    # Dagster's schema creation (two alembic heads: the service crashed). The daemon logs this
+    # line once the storage exists (cvops opens the instance before it starts the daemon).
+    while "Instance is configured with the following daemons" not in log.read_text():
         assert time.monotonic() < deadline and process.poll() is None, log.read_text()
         time.sleep(0.5)
     while time.monotonic() < deadline:
