@@ -6,7 +6,9 @@ the dataset version, the model id, the runtime hash), so re-ingesting an unchang
 re-running an unchanged study does not set off a new study, training and export downstream.
 """
 
-from dagster import AutomationCondition
+from dagster import AssetSelection, AutomationCondition
+
+from cvops_dagster.core.settings import retrain_triggers
 
 #: A dependency whose data version changed since the last tick (outside a run that also
 #: targets this asset), or one being requested on this tick.
@@ -24,3 +26,25 @@ ON_UPSTREAM_UPDATE = (
     AutomationCondition.eager().replace("any_deps_updated", ANY_DEPS_DATA_CHANGED)
     & AutomationCondition.all_deps_blocking_checks_passed()
 )
+
+
+def dataset_automation() -> AutomationCondition | None:
+    """When ``cleaned_dataset`` refreshes on its own: on a new or changed labelled batch when
+    ``CVOPS_RETRAIN_ON`` includes ``new_data`` (the default), else never by automation.
+
+    New delayed labels (``review_feedback``) never start a dataset version here: the retraining
+    policy for production labels is ``drift_retrain_sensor``'s (drift, and labels newer than the
+    champion's dataset), so labels alone do not set off a study on every delivery.
+    """
+    if "new_data" not in retrain_triggers():
+        return None
+    any_labelled_batch_changed = AutomationCondition.any_deps_match(
+        (AutomationCondition.data_version_changed() & ~AutomationCondition.executed_with_root_target()).with_label(
+            "data_version_changed_without_root"
+        )
+        | AutomationCondition.will_be_requested()
+    ).ignore(AssetSelection.assets("review_feedback")).with_label("labelled_batch_changed")
+    return (
+        AutomationCondition.eager().replace("any_deps_updated", any_labelled_batch_changed)
+        & AutomationCondition.all_deps_blocking_checks_passed()
+    )

@@ -12,9 +12,10 @@ from dagster import (
     MetadataValue,
     asset,
 )
+import pandas as pd
 from pydantic import Field
 
-from assets.automation import ON_UPSTREAM_UPDATE
+from assets.automation import dataset_automation
 from assets.metadata import (
     ASSET_OWNERS,
     artifact,
@@ -23,6 +24,7 @@ from assets.metadata import (
     figure,
     json_value,
     parquet_table_metadata,
+    upstream,
     safe_metadata,
     table,
 )
@@ -44,12 +46,12 @@ class CleanedDatasetConfig(Config):
 
 
 @asset(
-    deps=["raw_images"],
+    deps=["raw_images", "review_feedback"],
     group_name="datasets",
     kinds={"python", "parquet", "great_expectations"},
     code_version="1",
     owners=ASSET_OWNERS,
-    automation_condition=ON_UPSTREAM_UPDATE,
+    automation_condition=dataset_automation(),
     check_specs=[
         AssetCheckSpec(
             CHECK_EXPECTATIONS,
@@ -58,14 +60,20 @@ class CleanedDatasetConfig(Config):
             description="Great Expectations suite over the image-metadata table; a failure stops training.",
         )
     ],
-    description="One dataset version from every ingested batch: safe decoding in worker processes, canonical "
+    description="One dataset version from every ingested batch and the labelled production images of review_feedback: safe decoding in worker processes, canonical "
     "PNGs, exact and near duplicates, quarantine with reasons, stable hash-based splits.",
 )
 def cleaned_dataset(
     context: AssetExecutionContext, config: CleanedDatasetConfig, artifact_store: ArtifactStore
 ) -> MaterializeResult:
     batches = sorted(context.instance.get_materialized_partitions(AssetKey("raw_images")))
+    feedback = _review_feedback(context)
     raw = read_raw_manifests(artifact_store.storage, batch_ids=batches)
+    if feedback is not None:
+        from cvops_dagster.monitoring.feedback import read_feedback_records  # loads ONNX Runtime: here, not at load
+
+        records = read_feedback_records(artifact_store.storage, feedback.figure("manifest_key"))
+        raw = pd.concat([raw, records], ignore_index=True) if len(records) else raw
     cleaning = CleaningConfig(mode=config.mode)
     result = clean_dataset(artifact_store.storage, raw, cleaning, workers=config.workers)
     report = validate_dataset(
@@ -82,6 +90,9 @@ def cleaned_dataset(
         metadata=safe_metadata({
             "version": result.version,
             "batches": json_value(batches),
+            "review_feedback_version": feedback.figure("version") if feedback is not None else None,
+            "review_feedback_samples": feedback.figure("labelled_samples") if feedback is not None else 0,
+            "inputs": {"review_feedback": feedback.reference("version") if feedback is not None else None},
             "input": summary["input"],
             "clean": summary["clean"],
             "duplicates": summary["duplicates"],
@@ -118,3 +129,12 @@ def cleaned_dataset(
             )
         ],
     )
+
+
+def _review_feedback(context: AssetExecutionContext):  # noqa: ANN202 - an assets.metadata.Upstream or None
+    """The review_feedback this version includes (this run's, else the latest), or ``None``
+    before any production label was collected."""
+    try:
+        return upstream(context, "review_feedback")
+    except ValueError:
+        return None

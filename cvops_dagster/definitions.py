@@ -23,6 +23,7 @@ disable_telemetry()
 
 import assets.datasets  # noqa: E402
 import assets.ingestion  # noqa: E402
+import assets.monitoring  # noqa: E402
 import assets.registry  # noqa: E402
 import assets.serving  # noqa: E402
 import assets.training  # noqa: E402
@@ -32,8 +33,10 @@ from resources.storage import artifact_store_from_env, image_source_from_env  # 
 from resources.tuning import optuna_storage_from_env  # noqa: E402
 from sensors.automation import asset_update_sensor  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
+from sensors.production import production_batches_sensor  # noqa: E402
+from sensors.retraining import drift_retrain_sensor  # noqa: E402
 
-ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.registry, assets.serving]
+ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.registry, assets.serving, assets.monitoring]
 #: The repository root: code references are mapped to a git URL relative to it.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +46,21 @@ ingest_job = define_asset_job(
     description="Ingest one landing-zone batch (one image_batches partition).",
 )
 
+#: The production side: one run per production batch (a production_batches partition).
+PRODUCTION_ASSETS = AssetSelection.assets("batch_predictions", "drift_report", "review_feedback")
+
 lifecycle_job = define_asset_job(
     "lifecycle_job",
-    selection=AssetSelection.all() - AssetSelection.assets("raw_images"),
-    description="Everything downstream of the ingested batches: dataset, model, runtime.",
+    selection=AssetSelection.all() - AssetSelection.assets("raw_images") - PRODUCTION_ASSETS,
+    description="From the ingested batches and the labelled production images to a served runtime: dataset, "
+    "study, model, gate, runtime. drift_retrain_sensor's retraining runs are runs of this job (tag cvops/trigger=drift).",
+)
+
+production_job = define_asset_job(
+    "production_job",
+    selection=PRODUCTION_ASSETS,
+    description="One production batch (a production_batches partition): predictions by the served runtime, the "
+    "drift report against the served model's reference, and the labelled production images (review_feedback).",
 )
 
 rollback_job = define_asset_job(
@@ -75,8 +89,8 @@ def build_definitions() -> Definitions:
     return Definitions(
         assets=assets_with_code_references(),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
-        jobs=[ingest_job, lifecycle_job, rollback_job],
-        sensors=[image_batches_sensor, asset_update_sensor],
+        jobs=[ingest_job, lifecycle_job, production_job, rollback_job],
+        sensors=[image_batches_sensor, asset_update_sensor, production_batches_sensor, drift_retrain_sensor],
         resources={
             "artifact_store": artifact_store_from_env(),
             "image_source": image_source_from_env(),

@@ -49,17 +49,26 @@ def test_bad_selection_fails_clearly(tmp_path: Path) -> None:
     assert "cvops: error:" in result.stderr
 
 
+#: The bundled digits `cvops seed` writes as labelled batches: 1,797 less the production pool
+#: (cvops_dagster.ingestion.sample_data.labelled_and_production_indices).
+LABELLED_DIGITS = 1124
+#: Images of the production stream (prod_001..prod_003; the drifted holdout is never written).
+PRODUCTION_IMAGES = 150 + 120 + 240
+
+
 def test_seed_run_status_ingestion(tmp_path: Path) -> None:
-    cvops("seed", cwd=tmp_path)
+    out = cvops("seed", cwd=tmp_path)
+    assert "seeded production/prod_003: 240 images, 204 delayed labels" in out.stdout
     batches = sorted(p.name for p in (tmp_path / "landing").iterdir())
-    assert batches == ["batch_001", "batch_002", "batch_003"]
-    assert sum(1 for _ in (tmp_path / "landing").rglob("*.png")) == 1797
+    assert batches == ["batch_001", "batch_002", "batch_003", "production"]
+    assert sum(1 for _ in (tmp_path / "landing").rglob("*.png")) == LABELLED_DIGITS + PRODUCTION_IMAGES
+    assert sorted(p.name for p in (tmp_path / "landing" / "production").iterdir()) == ["prod_001", "prod_002", "prod_003"]
     out = cvops("run", "--select", "raw_images", cwd=tmp_path)
     assert "materialized raw_images [batch_003]" in out.stdout
     status = json.loads(cvops("status", "--json", cwd=tmp_path).stdout)
     raw = status["raw_images"]
     assert raw["batches"] == 3
-    assert raw["files"] == 1797
+    assert raw["files"] == LABELLED_DIGITS
     assert raw["rejected"] == 0 and raw["rejected_reasons"] == {}
     assert (tmp_path / ".cvops" / "manifests" / "raw" / "batch_001.parquet").exists()
     _assert_runs_belong_to_the_code_location(tmp_path / ".dagster_home", "ingest_job", 3)
@@ -114,6 +123,16 @@ def test_daemon_serves_the_queue_only_with_a_fresh_heartbeat(tmp_path: Path, mon
         assert not daemon_serves_queue(instance, now=1000.0 + DAEMON_STALE_S + 1)
 
 
+def test_seed_without_production_or_without_labels(tmp_path: Path) -> None:
+    out = cvops("seed", "--landing", str(tmp_path / "plain"), "--no-production", cwd=tmp_path)
+    assert "seeded production/" not in out.stdout
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["batch_001", "batch_002", "batch_003"]
+    out = cvops("seed", "--landing", str(tmp_path / "unlabelled"), "--no-labels", cwd=tmp_path)
+    assert "seeded production/prod_001: 150 images, no labels" in out.stdout
+    assert (tmp_path / "unlabelled" / "production" / "prod_003" / "_READY").exists()
+    assert not list((tmp_path / "unlabelled").rglob("labels.csv"))
+
+
 def test_landing_and_artifacts_flags_override_environment(tmp_path: Path) -> None:
     env = {"CVOPS_LANDING": str(tmp_path / "wrong"), "CVOPS_ARTIFACT_ROOT": str(tmp_path / "wrong-art")}
     cvops("seed", "--landing", str(tmp_path / "in"), cwd=tmp_path, env=env)
@@ -136,7 +155,8 @@ def test_demo_meets_the_quality_bar_and_predict_matches(tmp_path: Path) -> None:
     cleaned, trained, production, runtime = (
         status[k] for k in ("cleaned_dataset", "trained_model", "production_model", "onnx_runtime")
     )
-    assert cleaned["input"] == 1797 and cleaned["clean"] + cleaned["duplicates"] + cleaned["quarantined"] == 1797
+    assert cleaned["input"] == LABELLED_DIGITS
+    assert cleaned["clean"] + cleaned["duplicates"] + cleaned["quarantined"] == LABELLED_DIGITS
     assert sum(cleaned["splits"].values()) == cleaned["clean"]
     assert set(cleaned["classes"]) == {str(d) for d in range(10)}
     # The quality bar: >= 0.985 and at least the scikit-learn baseline on the same split.

@@ -16,10 +16,14 @@ def test_definitions_load() -> None:
     Definitions.validate_loadable(defs)
 
 
+LIFECYCLE = {"raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime"}
+PRODUCTION = {"batch_predictions", "drift_report", "review_feedback"}
+
+
 def test_expected_assets_checks_and_sensors() -> None:
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime"}
+    assert keys == LIFECYCLE | PRODUCTION
     check_names = {k.name for k in graph.asset_check_keys}
     assert check_names == {
         "check_raw_images_not_empty",
@@ -27,19 +31,62 @@ def test_expected_assets_checks_and_sensors() -> None:
         "check_trained_model_accuracy_floor",
         "check_production_model_no_regression",
         "check_onnx_runtime_parity",
+        "check_batch_predictions_not_empty",
+        "check_drift_report_within_threshold",
     }
+    non_blocking = {"check_raw_images_not_empty", "check_batch_predictions_not_empty", "check_drift_report_within_threshold"}
     for key in graph.asset_check_keys:
-        if key.name != "check_raw_images_not_empty":
-            assert graph.get_check_spec(key).blocking, key.name
-    for name in keys - {"raw_images"}:
+        assert graph.get_check_spec(key).blocking == (key.name not in non_blocking), key.name
+    # The labelled side refreshes itself; the production side is driven by its sensors.
+    for name in LIFECYCLE - {"raw_images"}:
         assert graph.get(AssetKey(name)).automation_condition is not None, name
+    for name in PRODUCTION:
+        assert graph.get(AssetKey(name)).automation_condition is None, name
     assert graph.get(AssetKey("trained_model")).pools == {"training"}
-    assert defs.resolve_sensor_def("asset_update_sensor").default_status.value == "RUNNING"
     assert all(name.startswith("check_") for name in check_names)
-    sensor = defs.resolve_sensor_def("image_batches_sensor")
-    assert sensor.default_status.value == "RUNNING"
-    assert defs.resolve_job_def("ingest_job") is not None
+    for sensor in ("asset_update_sensor", "image_batches_sensor", "production_batches_sensor", "drift_retrain_sensor"):
+        assert defs.resolve_sensor_def(sensor).default_status.value == "RUNNING", sensor
+    for job in ("ingest_job", "lifecycle_job", "production_job", "rollback_job"):
+        assert defs.resolve_job_def(job) is not None
     assert graph.get(AssetKey("raw_images")).partitions_def.name == "image_batches"
+    for name in ("batch_predictions", "drift_report"):
+        assert graph.get(AssetKey(name)).partitions_def.name == "production_batches"
+    # A retraining run (lifecycle_job) never touches the production side or the raw batches.
+    lifecycle = defs.resolve_job_def("lifecycle_job").asset_layer.executable_asset_keys
+    assert {k.to_user_string() for k in lifecycle} == LIFECYCLE - {"raw_images"}
+
+
+def test_the_drift_check_warns_instead_of_failing() -> None:
+    from dagster import AssetCheckKey
+
+    graph = defs.resolve_asset_graph()
+    spec = graph.get_check_spec(AssetCheckKey(AssetKey("drift_report"), "check_drift_report_within_threshold"))
+    assert not spec.blocking
+
+
+def test_new_labels_alone_never_start_a_dataset_version() -> None:
+    """cleaned_dataset's automation reacts to labelled batches, not to review_feedback: production
+    labels reach a dataset through drift_retrain_sensor's policy."""
+    from dagster import AssetMaterialization, DataVersion, evaluate_automation_conditions, instance_for_test
+    from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+    def materialize(instance, name: str, version: str, partition: str | None = None) -> None:  # noqa: ANN001
+        instance.report_runless_asset_event(
+            AssetMaterialization(name, partition=partition, tags={DATA_VERSION_TAG: DataVersion(version).value})
+        )
+
+    def requested(result) -> set[str]:  # noqa: ANN001
+        return {name for name in ("cleaned_dataset", "hpo_study") if result.get_num_requested(AssetKey(name))}
+
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions("image_batches", ["b1"])
+        result = evaluate_automation_conditions(defs=defs, instance=instance)
+        materialize(instance, "review_feedback", "labels-1")
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        assert "cleaned_dataset" not in requested(result)
+        materialize(instance, "raw_images", "batch-1", partition="b1")
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        assert "cleaned_dataset" in requested(result)
 
 
 def _modules_after(code: str) -> set[str]:

@@ -15,7 +15,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cvops_dagster.cli.commands import cmd_bench, cmd_demo, cmd_predict, cmd_seed, cmd_ui, cmd_watch
+from cvops_dagster.cli.commands import cmd_bench, cmd_predict, cmd_seed, cmd_ui, cmd_watch
+from cvops_dagster.cli.demo import cmd_demo
 from cvops_dagster.cli.common import CvopsError, apply_overrides, instance_only
 from cvops_dagster.cli.runs import cmd_rollback, cmd_run, install_stop_handlers
 from cvops_dagster.cli.status import cmd_status, collect_status
@@ -60,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         add_landing(p)
         add_artifacts(p)
 
-    p = sub.add_parser("seed", help="write the bundled sample digits into the landing zone as three batches")
+    p = sub.add_parser(
+        "seed",
+        help="write the bundled sample digits into the landing zone: three labelled batches and a production stream",
+        description="Three labelled batches (<landing>/<batch>/<label>/<file>), then the production stream "
+        "(<landing>/production/prod_001..prod_003: in-distribution, rotated, a new camera) with delayed labels "
+        "(labels.csv) for part of it.",
+    )
     add_landing(p)
+    p.add_argument("--no-production", action="store_true", help="write the labelled batches only, no production stream")
+    p.add_argument("--no-labels", action="store_true", help="write the production stream without any labels.csv")
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("run", help="materialize the asset graph over every complete batch, with progress")
@@ -86,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("demo", help="seed (if the landing zone is empty) + run + where to look")
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on the bundled data: seed, first champion, production batches and their drift reports, "
+        "delayed labels, one drift retraining, accuracy on held-out drifted images before -> after",
+    )
     add_roots(p)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="Dagster run config (YAML or JSON) for the training runs (the first one and the drift retraining), "
+        "e.g. ops: {hpo_study: {config: {n_trials: 2}}}",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -115,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_artifacts(p)
     p.add_argument(
         "name",
-        choices=["cleaning", "training", "runtime"],
-        help="cleaning and training: on data generated in a temporary folder; runtime: the production runtime "
-        "under the artifact root",
+        choices=["cleaning", "training", "runtime", "monitoring", "drift"],
+        help="cleaning, training, monitoring and drift: on data generated in a temporary folder (monitoring and "
+        "drift train a small model on the bundled digits first); runtime: the production runtime under the artifact root",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
-    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3)")
+    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring: the same (default 2)")
     p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
     p.add_argument("--sets", type=lambda v: tuple(v.split(",")), help="cleaning: some of sample,tenx,large,incremental")
     p.add_argument("--digits", type=int, help="cleaning: digits in the sample and tenx sets (default all 1,797)")
@@ -132,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="runtime: without a production model, time a generated model of the default architecture",
     )
+    p.add_argument("--images", type=int, help="monitoring: PNG files in the production batch (default 5,000)")
+    p.add_argument("--workers", type=int, help="monitoring: decode worker processes (default: the available cores)")
+    p.add_argument("--batches", type=int, help="drift: resampled batches per condition and size (default 100)")
+    p.add_argument(
+        "--sizes", type=lambda v: tuple(int(n) for n in v.split(",")), help="drift: batch sizes, comma-separated (default 100,500)"
+    )
+    p.add_argument("--threads", type=int, help="monitoring and drift: ONNX Runtime and torch threads (default: the available cores)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -14,28 +14,23 @@ from cvops_dagster.core.instance import ensure_dagster_home
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    """The labelled batches, then (unless ``--no-production``) the production stream with its
+    delayed labels (none with ``--no-labels``)."""
     from cvops_dagster.ingestion.sample_data import seed_landing
 
     root = settings.normalize_root(settings.landing_root())
-    counts = seed_landing(root, settings.s3_endpoint_url())
+    endpoint = settings.s3_endpoint_url()
+    counts = seed_landing(root, endpoint)
     for batch, n in counts.items():
         print(f"seeded {batch}: {n} images")
+    if not getattr(args, "no_production", False):
+        from cvops_dagster.monitoring.sample_stream import delayed_labels, seed_production
+
+        with_labels = not getattr(args, "no_labels", False)
+        for batch, n in seed_production(root, endpoint, labels=with_labels).items():
+            labelled = len(delayed_labels(batch)) if with_labels else 0
+            print(f"seeded production/{batch}: {n} images, " + (f"{labelled} delayed labels" if labelled else "no labels"))
     print(f"landing zone: {root}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if not landing_zone().list_complete_batches():
-        cmd_seed(args)
-    else:
-        print(f"landing zone {settings.landing_root()} already holds complete batches; not seeding")
-    cmd_run(argparse.Namespace(select=None))
-    home = os.environ[settings.DAGSTER_HOME_ENV]
-    print()
-    print(f"artifacts:        {settings.normalize_root(settings.artifact_root())}")
-    print(f"dagster instance: {home}")
-    print("figures:          cvops status --json")
-    print("UI:               cvops ui   (then open http://127.0.0.1:3000)")
     return 0
 
 
@@ -102,6 +97,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from cvops_dagster.bench.training import run_training_benchmark
 
         figures = run_training_benchmark()
+    elif args.name == "monitoring":
+        # The code location first, as for cleaning: the process forking the decode workers is
+        # then the size of the Dagster step that predicts.
+        import cvops_dagster.definitions  # noqa: F401
+        from cvops_dagster.bench.monitoring import bench_monitoring
+
+        given = {"images": args.images, "repeats": args.repeats, "threads": args.threads, "workers": args.workers}
+        figures = bench_monitoring(**{k: v for k, v in given.items() if v is not None})
+    elif args.name == "drift":
+        from cvops_dagster.bench.drift import bench_drift
+
+        given = {"batches": args.batches, "sizes": args.sizes, "threads": args.threads}
+        figures = bench_drift(**{k: v for k, v in given.items() if v is not None})
     else:
         from cvops_dagster.bench.runtime import benchmark_production_runtime
 

@@ -139,7 +139,7 @@ def _failure_message(instance: Any, run_id: str) -> str:
 
 
 def _launch(
-    launcher: Any, queued: bool, label: str, job_name: str, run_config: dict[str, Any], **selection: Any
+    launcher: Any, queued: bool, label: str, job_name: str, run_config: dict[str, Any], extra_tags: dict[str, str] | None = None, **selection: Any
 ) -> Any:
     """Create one run through the code location, execute it (here, or via the daemon's queue
     when ``queued``) with progress shown, and return the finished run."""
@@ -148,7 +148,7 @@ def _launch(
     config = {**_QUIET_LOGS, **run_config} if queued else {**_QUIET_LOGS, **IN_PROCESS_EXECUTION, **run_config}
     _check_stop()
     with _Progress(launcher.instance, label, owned=not queued) as progress:
-        run = launcher.create_run(job_name, run_config=config, tags=progress.tags, **selection)
+        run = launcher.create_run(job_name, run_config=config, tags={**(extra_tags or {}), **progress.tags}, **selection)
         if queued:
             print(f"  queued as run {run.run_id} for the Dagster daemon serving this instance", flush=True)
             return launcher.submit(run)
@@ -158,7 +158,10 @@ def _launch(
 
 
 def run_lifecycle(
-    select: str | None = None, echo: Callable[[str], None] = print, run_config: dict[str, Any] | None = None
+    select: str | None = None,
+    echo: Callable[[str], None] = print,
+    run_config: dict[str, Any] | None = None,
+    production: bool = True,
 ) -> dict[str, Any]:
     """Materialize the graph (or a selection) over every complete batch.
 
@@ -194,7 +197,13 @@ def run_lifecycle(
                 f"no complete batch in the landing zone {settings.landing_root()!r} "
                 "(a batch is <landing>/<batch_id>/<label>/<file> plus a _READY file; try `cvops seed`)"
             )
-    rest = {k for k in keys if k != raw_key}
+    production_keys = {k for k in keys if k.to_user_string() in PRODUCTION_ASSETS}
+    rest = {k for k in keys if k != raw_key and k not in production_keys}
+    if not production:  # the labelled side only (`cvops demo` lets the sensors do the rest)
+        production_keys = set()
+    production_batches: list[str] = []
+    if production_keys:
+        production_batches = landing_zone().list_complete_batches(production=True)
 
     with CodeLocationLauncher.open(instance) as launcher:
         queued = daemon_serves_queue(instance)
@@ -221,7 +230,35 @@ def run_lifecycle(
                 raise CvopsError(
                     f"lifecycle run failed: {_failure_message(instance, run.run_id)} (run {run.run_id}; `cvops ui` shows its full log)"
                 )
+        run_production_batches(launcher, queued, production_batches, production_keys, summary, echo)
     return summary
+
+
+#: The production side's assets: one production_job run per complete production batch.
+PRODUCTION_ASSETS = ("batch_predictions", "drift_report", "review_feedback")
+
+
+def run_production_batches(
+    launcher: Any, queued: bool, batches: list[str], keys: set[Any], summary: dict[str, Any], echo: Callable[[str], None] = print
+) -> None:
+    """One ``production_job`` run per complete production batch, as production_batches_sensor
+    requests them (the same job, partition and assets)."""
+    from dagster import DagsterRunStatus
+
+    from assets.partitions import production_batches
+
+    if not batches or not keys:
+        return
+    instance = launcher.instance
+    known = set(instance.get_dynamic_partitions(production_batches.name))
+    instance.add_dynamic_partitions(production_batches.name, [b for b in batches if b not in known])
+    names = ", ".join(sorted(k.to_user_string() for k in keys))
+    for i, batch in enumerate(batches, 1):
+        label = f"[{i}/{len(batches)}] production batch {batch}: {names}"
+        run = _launch(launcher, queued, label, "production_job", {}, partition_key=batch, asset_selection=keys)
+        summary["runs"].append(run.run_id)
+        if run.status != DagsterRunStatus.SUCCESS:
+            raise CvopsError(f"production batch {batch} failed: {_failure_message(instance, run.run_id)} (run {run.run_id})")
 
 
 def read_run_config(path: str | None) -> dict[str, Any] | None:

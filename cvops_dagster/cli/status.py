@@ -113,6 +113,8 @@ def collect_views(instance: Any, defs: Any) -> list[AssetView]:
         name = key.to_user_string()
         if key == AssetKey("raw_images"):
             figures = _raw_images_status(instance, key, AssetRecordsFilter)
+        elif name in PER_BATCH_FIGURES:
+            figures = _per_batch_status(instance, key, AssetRecordsFilter, PER_BATCH_FIGURES[name])
         else:
             event = instance.get_latest_materialization_event(key)
             figures = None
@@ -244,6 +246,68 @@ def _raw_images_status(instance: Any, key: Any, records_filter: Any) -> dict[str
         "rejected_reasons": dict(sorted(reasons.items())),
         "per_batch": per_batch,
         "materialized_at": _iso(latest) if latest else None,
+    }
+
+
+#: Partitioned production assets: the figures ``cvops status --json`` shows per batch.
+PER_BATCH_FIGURES: dict[str, tuple[str, ...]] = {
+    "batch_predictions": ("images", "quarantined", "class_counts", "mean_confidence", "model_id", "accuracy", "labelled_images"),
+    "drift_report": ("drift", "score", "threshold", "model_id", "tests", "top_features", "verdict", "images"),
+}
+
+
+def _table_rows(value: Any) -> list[dict[str, Any]]:
+    """The rows of a table metadata value as plain dicts."""
+    from dagster import TableMetadataValue
+
+    if not isinstance(value, TableMetadataValue):
+        return []
+    return [dict(record.data) for record in value.records]
+
+
+def _batch_figures(metadata: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    figures = _metadata_to_json(metadata)
+    out = {name: figures.get(name) for name in names}
+    if "tests" in names:
+        out["tests"] = {
+            row["test"]: {"statistic": row.get("statistic"), "p_value": row.get("p_value"), "drift": row.get("drift")}
+            for row in _table_rows(metadata.get("tests"))
+        }
+        out["top_features"] = _table_rows(metadata.get("top_features"))
+    return out
+
+
+def _per_batch_status(instance: Any, key: Any, records_filter: Any, names: tuple[str, ...]) -> dict[str, Any] | None:
+    """A partitioned production asset: its latest materialization's figures, and ``batches``:
+    batch id -> the figures of that batch's latest materialization."""
+    latest = instance.get_latest_materialization_event(key)
+    if latest is None:
+        return None
+    per_batch: dict[str, Any] = {}
+    for partition in sorted(instance.get_materialized_partitions(key)):
+        result = instance.fetch_materializations(records_filter(asset_key=key, asset_partitions=[partition]), limit=1)
+        if result.records:
+            per_batch[partition] = _batch_figures(dict(result.records[0].asset_materialization.metadata), names)
+    figures = _batch_figures(dict(latest.asset_materialization.metadata), names)
+    return {
+        **figures,
+        "batch_id": latest.asset_materialization.partition,
+        "batches": per_batch,
+        "materialized_at": _iso(latest.timestamp),
+    }
+
+
+def retraining_status(instance: Any) -> dict[str, Any]:
+    """``retraining``: the runs drift_retrain_sensor requested and the drift events waiting for labels."""
+    from cvops_dagster.cli.common import artifact_storage
+    from sensors.retraining import retraining_state, waiting_entries
+
+    state = retraining_state(instance, artifact_storage())
+    return {
+        "requests": state.requests,
+        "waiting": waiting_entries(state.decision),
+        "champion": state.champion,
+        "policy": sorted(settings.retrain_triggers()),
     }
 
 
@@ -409,8 +473,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     roots = getattr(args, "roots", None) or resolved_roots()
     instance, defs = load_instance(create=False)
     views = collect_views(instance, defs)
+    try:
+        retraining: dict[str, Any] = retraining_status(instance)
+    except Exception as exc:  # noqa: BLE001 - a damaged serving pointer must not hide every other figure
+        retraining = {"requests": [], "waiting": [], "error": f"{type(exc).__name__}: {exc}"}
     if args.json:
-        print(json.dumps({v.name: v.figures for v in views}, indent=2, sort_keys=True, default=str))
+        status = {v.name: v.figures for v in views}
+        status["retraining"] = retraining
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
         return 0
     print("\n".join(format_status(views, roots)))
+    print("\n".join(format_retraining(retraining)))
     return 0
+
+
+def format_retraining(retraining: dict[str, Any]) -> list[str]:
+    """The human lines about drift retraining: what was requested, what waits and why."""
+    lines = ["", f"retraining (policy: retrain on {', '.join(retraining.get('policy') or ['nothing'])})"]
+    if retraining.get("error"):
+        lines.append(f"  cannot tell: {retraining['error']}")
+    for request in retraining.get("requests", []):
+        lines.append(f"  requested {request['requested_at']} for drift on {request['report']}: run {request['run_id']} ({request.get('status')})")
+    waiting = retraining.get("waiting", [])
+    if waiting:
+        lines.append(f"  waiting: {', '.join(w['report'] for w in waiting)}: {waiting[0]['reason']}")
+    if len(lines) == 2:
+        lines.append("  no drift retraining requested, none waiting")
+    return lines

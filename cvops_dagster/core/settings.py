@@ -234,3 +234,36 @@ def params_digest(params: dict[str, Any] | None) -> str:
     """A short stable hash of a parameter dict (data versions, run keys)."""
     text = json.dumps(params or {}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+RETRAIN_ON_ENV = "CVOPS_RETRAIN_ON"
+#: What may start a retraining: ``new_data`` (a new or changed labelled landing batch, through
+#: Dagster's automation) and ``drift`` (drift_retrain_sensor, once labels of the drifted stream exist).
+RETRAIN_TRIGGERS: tuple[str, ...] = ("new_data", "drift")
+RETRAIN_CONFIG_ENV = "CVOPS_RETRAIN_CONFIG"
+
+
+def retrain_triggers(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """``$CVOPS_RETRAIN_ON``: a comma-separated subset of :data:`RETRAIN_TRIGGERS`, or ``none``;
+    default both.
+
+    Raises:
+        ValueError: an unknown trigger (the code location then fails to load, naming the variable).
+    """
+    value = (environ if environ is not None else os.environ).get(RETRAIN_ON_ENV, "").strip().lower()
+    if not value:
+        return frozenset(RETRAIN_TRIGGERS)
+    if value == "none":
+        return frozenset()
+    triggers = {part.strip() for part in value.split(",") if part.strip()}
+    unknown = sorted(triggers - set(RETRAIN_TRIGGERS))
+    if unknown:
+        raise ValueError(f"{RETRAIN_ON_ENV}={value!r}: unknown trigger(s) {unknown}; use a comma list of {list(RETRAIN_TRIGGERS)} or 'none'")
+    return frozenset(triggers)
+
+
+def retrain_run_config_path(environ: Mapping[str, str] | None = None) -> str | None:
+    """``$CVOPS_RETRAIN_CONFIG``: a Dagster run config file (YAML/JSON) for the retraining runs
+    drift_retrain_sensor requests (the search budget, epochs); ``None`` for the assets' defaults."""
+    value = (environ if environ is not None else os.environ).get(RETRAIN_CONFIG_ENV, "").strip()
+    return value or None

@@ -23,6 +23,7 @@ from cvops_dagster.core.storage import ArtifactStorage
 logger = logging.getLogger(__name__)
 
 RAW_MANIFEST_PREFIX = "manifests/raw"
+PRODUCTION_MANIFEST_PREFIX = "manifests/production"
 STATUS_INGESTED = "ingested"
 STATUS_REJECTED = "rejected"
 
@@ -43,8 +44,10 @@ MANIFEST_COLUMNS = [
 _EXT_RE = re.compile(r"^[a-z0-9]{1,8}$")
 
 
-def raw_manifest_key(batch_id: str) -> str:
-    return f"{RAW_MANIFEST_PREFIX}/{batch_id}.parquet"
+def raw_manifest_key(batch_id: str, production: bool = False) -> str:
+    """Where a batch's ingestion manifest is: ``manifests/raw/<id>.parquet`` for a labelled
+    batch, ``manifests/production/<id>.parquet`` for a production batch."""
+    return f"{PRODUCTION_MANIFEST_PREFIX if production else RAW_MANIFEST_PREFIX}/{batch_id}.parquet"
 
 
 def safe_extension(path: str) -> str:
@@ -112,13 +115,15 @@ def _previous_times(storage: ArtifactStorage, key: str) -> dict[tuple[str, str |
     }
 
 
-def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) -> IngestResult:
-    """Copy one complete batch into ``images/`` and write ``manifests/raw/<batch_id>.parquet``.
+def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str, production: bool = False) -> IngestResult:
+    """Copy one complete batch into ``images/`` and write its manifest
+    (``manifests/raw/<batch_id>.parquet``, or ``manifests/production/...`` for a production
+    batch, whose records have no label and ids ``production/<batch_id>/<file>``).
 
     Idempotent: files are content-addressed, and a re-run keeps the ingestion time of every
     record it already knew, so the manifest comes out byte-for-byte the same.
     """
-    key = raw_manifest_key(batch_id)
+    key = raw_manifest_key(batch_id, production)
     previous = _previous_times(storage, key)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     storage.remove_stale_temporaries(IMAGES_PREFIX)  # left by a killed earlier ingestion
@@ -126,13 +131,13 @@ def ingest_batch(landing: LandingZone, storage: ArtifactStorage, batch_id: str) 
     known = None if storage.is_local else set(storage.list(IMAGES_PREFIX))
 
     def ingest_entry(entry: BatchEntry) -> dict[str, object]:
-        row = _entry_row(landing, storage, batch_id, entry, known)
+        row = _entry_row(landing, storage, batch_id, entry, known, production)
         row["ingested_at"] = previous.get((str(row["record_id"]), row["sample_id"]), now)  # type: ignore[arg-type]
         return row
 
     # Reading from the landing zone and writing to the store are whole-object transfers: with
     # either on S3 they run on a bounded thread pool (one round trip each, overlapping).
-    rows = storage.map_transfers(ingest_entry, landing.list_entries(batch_id), remote=not (landing.is_local and storage.is_local))
+    rows = storage.map_transfers(ingest_entry, landing.list_entries(batch_id, production), remote=not (landing.is_local and storage.is_local))
     total_bytes = sum(int(r["size_bytes"] or 0) for r in rows if r["status"] == STATUS_INGESTED)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     manifest["size_bytes"] = manifest["size_bytes"].astype("Int64")
@@ -171,11 +176,16 @@ class MissingManifestError(FileNotFoundError):
 
 
 def _entry_row(
-    landing: LandingZone, storage: ArtifactStorage, batch_id: str, entry: BatchEntry, known: set[str] | None
+    landing: LandingZone,
+    storage: ArtifactStorage,
+    batch_id: str,
+    entry: BatchEntry,
+    known: set[str] | None,
+    production: bool = False,
 ) -> dict[str, object]:
     """One manifest row: the entry copied into content-addressed storage, or why it was not."""
     row: dict[str, object] = {
-        "record_id": f"{batch_id}/{entry.path}",
+        "record_id": f"{'production/' if production else ''}{batch_id}/{entry.path}",
         "batch_id": batch_id,
         "path": entry.path,
         "label": entry.label,
@@ -189,7 +199,7 @@ def _entry_row(
     if not entry.accepted:
         return row
     try:
-        data = landing.read_bytes(batch_id, entry.path)
+        data = landing.read_bytes(batch_id, entry.path, production)
     except OSError as exc:
         logger.warning("unreadable %s/%s: %s", batch_id, entry.path, exc)
         row["reason"] = REJECT_UNREADABLE

@@ -1,9 +1,12 @@
 """The champion gate: decide, on today's data, which model should serve; publish nothing.
 
 :func:`decide_promotion` scores the challenger and the champion *now*, on the same samples: the
-current dataset's test split (``all``) and two slices of it, ``previous`` (test samples that were
+current dataset's test split (``all``) and slices of it, ``previous`` (test samples that were
 clean rows of the champion's own dataset version, i.e. the data the champion was chosen on;
-splits are hash-stable, so those stay in test) and ``new`` (the rest). The rule is
+splits are hash-stable, so those stay in test), ``new`` (the rest) and ``production`` (labelled
+production images in the test split: after drift, the drifted stream's held-out labelled images).
+Promotion is judged on ``all``, which holds the production test split, so it reflects the
+drifted stream, while the no-regression check on ``previous`` guards in-distribution accuracy. The rule is
 :func:`decide`: the challenger must beat the champion on ``all`` by the margin; a model that was
 rolled back is never promoted again. The blocking no-regression check compares like with like:
 on ``previous``, the model that would serve after the gate must score at least the current
@@ -36,7 +39,9 @@ from cvops_dagster.training.model_store import card_input_spec, load_card, load_
 
 logger = logging.getLogger(__name__)
 
-SLICES = ("all", "previous", "new")
+SLICES = ("all", "previous", "new", "production")
+#: Records that came from labelled production images (review feedback) carry this batch prefix.
+PRODUCTION_BATCH_PREFIX = "production/"
 
 
 @dataclass(frozen=True)
@@ -105,16 +110,29 @@ def split_slices(storage: ArtifactStorage, data: LoadedDataset, previous_version
     """
     ids = np.asarray(data.splits["test"].sample_ids, dtype=object)
     everything = np.ones(len(ids), dtype=bool)
+    production = _production_mask(storage, data.version, ids)
     if previous_version is None:
-        return {"all": everything, "previous": np.zeros(len(ids), dtype=bool), "new": everything.copy()}, ""
+        return {"all": everything, "previous": np.zeros(len(ids), dtype=bool), "new": everything.copy(), "production": production}, ""
     manifest_key, _ = dataset_keys(previous_version)
     if not storage.exists(manifest_key):
         note = f"the champion's dataset {previous_version} is gone; 'previous' is the whole test split. "
-        return {"all": everything, "previous": everything.copy(), "new": ~everything}, note
+        return {"all": everything, "previous": everything.copy(), "new": ~everything, "production": production}, note
     frame = storage.read_parquet(manifest_key)
     known = set(frame.loc[frame["outcome"] == "clean", "sample_id"].astype(str))
     previous = np.fromiter((str(s) in known for s in ids), dtype=bool, count=len(ids))
-    return {"all": everything, "previous": previous, "new": ~previous}, ""
+    return {"all": everything, "previous": previous, "new": ~previous, "production": production}, ""
+
+
+def _production_mask(storage: ArtifactStorage, version: str, ids: np.ndarray) -> np.ndarray:
+    """Test samples of ``version`` that are labelled production images (the drifted stream's
+    labelled test split, when there is one)."""
+    manifest_key, _ = dataset_keys(version)
+    if not storage.exists(manifest_key):
+        return np.zeros(len(ids), dtype=bool)
+    frame = storage.read_parquet(manifest_key)
+    clean = frame[frame["outcome"] == "clean"]
+    produced = set(clean.loc[clean["batch_id"].astype(str).str.startswith(PRODUCTION_BATCH_PREFIX), "sample_id"].astype(str))
+    return np.fromiter((str(s) in produced for s in ids), dtype=bool, count=len(ids))
 
 
 def slice_metrics(targets: np.ndarray, pred: np.ndarray, masks: dict[str, np.ndarray], labels: list[str]) -> dict[str, dict[str, Any]]:

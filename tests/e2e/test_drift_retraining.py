@@ -1,0 +1,133 @@
+"""The issue's "done when", with the real daemon: `cvops watch` running, a drifted production batch
+and then its delayed labels dropped into the landing zone lead, with no other action, to a drift
+report that flags it, exactly one retraining run, a new champion served and an accuracy gain on
+held-out drifted images; an in-distribution batch raises nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_services import _env, _start, _stop_and_time, _wait_for_daemon
+from tests.test_cli import cvops
+
+pytestmark = pytest.mark.slow
+
+FAST = """
+ops:
+  hpo_study: {config: {n_trials: 2, max_epochs: 3}}
+  trained_model: {config: {max_epochs: 8, accuracy_floor: 0.0}}
+"""
+#: Bounded waits: a sensor ticks every 30 s; a fast retraining takes about two minutes here.
+REPORT_WAIT_S = 300
+RETRAIN_WAIT_S = 900
+
+
+def _drop_batch(landing: Path, batch_id: str) -> None:
+    """Write one batch of the bundled production stream: images, then _READY (no labels)."""
+    from cvops_dagster.monitoring.sample_stream import production_stream
+
+    batch = next(b for b in production_stream() if b.batch_id == batch_id)
+    folder = landing / "production" / batch_id
+    folder.mkdir(parents=True)
+    for name, data in batch.files.items():
+        (folder / name).write_bytes(data)
+    (folder / "_READY").write_bytes(b"")
+
+
+def _status(tmp_path: Path) -> dict:
+    return json.loads(cvops("status", "--json", cwd=tmp_path, env=_env(tmp_path)).stdout)
+
+
+def _wait(what: str, predicate, timeout_s: float, watch, log: Path):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert watch.poll() is None, f"cvops watch ended while waiting for {what}:\n{log.read_text()[-5000:]}"
+        value = predicate()
+        if value:
+            return value
+        time.sleep(5)
+    raise AssertionError(f"no {what} within {timeout_s}s:\n{log.read_text()[-5000:]}")
+
+
+def _reports(tmp_path: Path) -> dict:
+    status = _status(tmp_path)
+    return (status.get("drift_report") or {}).get("batches") or {}
+
+
+def _holdout_accuracy(artifacts: Path, model_id: str) -> float:
+    from cvops_dagster.core.storage import ArtifactStorage
+    from cvops_dagster.monitoring.sample_stream import drifted_holdout
+    from cvops_dagster.registry.history import replay_history
+    from cvops_dagster.serving.predictor import Predictor
+
+    storage = ArtifactStorage(str(artifacts))
+    runtime = replay_history(storage).published_event(model_id)["runtime"]
+    images, labels = drifted_holdout()
+    predicted = Predictor(storage.local_path(runtime["fp32_key"]), expected_sha256=runtime["fp32_sha256"]).predict(images).labels
+    return sum(p == str(t) for p, t in zip(predicted, labels, strict=True)) / len(labels)
+
+
+def test_drifted_batch_then_labels_retrain_once_and_the_new_champion_gains_on_drifted_images(tmp_path: Path) -> None:
+    from cvops_dagster.monitoring.sample_stream import delayed_labels, write_delayed_labels
+
+    env = _env(tmp_path)
+    (tmp_path / "fast.yaml").write_text(FAST)
+    env["CVOPS_RETRAIN_CONFIG"] = str(tmp_path / "fast.yaml")
+    cvops("seed", "--no-production", cwd=tmp_path, env=env)
+    cvops("run", "--config", "fast.yaml", cwd=tmp_path, env=env)
+    first = _status(tmp_path)["production_model"]["model_id"]
+
+    watch, log = _start(tmp_path, "watch")
+    try:
+        _wait_for_daemon(tmp_path, watch, log)
+        landing = tmp_path / "landing"
+        _drop_batch(landing, "prod_001")  # in distribution
+        _drop_batch(landing, "prod_003")  # the new camera
+
+        reports = _wait("two drift reports", lambda: (r := _reports(tmp_path)) and len(r) == 2 and r, REPORT_WAIT_S, watch, log)
+        assert reports["prod_001"]["drift"] is False, reports["prod_001"]
+        assert reports["prod_003"]["drift"] is True, reports["prod_003"]
+        assert reports["prod_003"]["score"] >= reports["prod_003"]["threshold"]
+        assert reports["prod_003"]["model_id"] == first
+
+        # Drift but no labels: the retraining waits, nothing is requested.
+        retraining = _wait(
+            "a waiting drift event", lambda: (r := _status(tmp_path)["retraining"])["waiting"] and r, 120, watch, log
+        )
+        assert [w["report"] for w in retraining["waiting"]] == ["prod_003"]
+        assert retraining["requests"] == []
+        checks = _status(tmp_path)["drift_report"]["checks"]["check_drift_report_within_threshold"]
+        assert checks["severity"] == "WARN" and checks["failed_partitions"] == ["prod_003"]
+
+        # The labels arrive: one retraining, a new champion served.
+        write_delayed_labels(str(landing), "prod_003", delayed_labels("prod_003"))
+
+        def new_champion():  # noqa: ANN202
+            status = _status(tmp_path)
+            runtime = status.get("onnx_runtime") or {}
+            requests = status["retraining"]["requests"]
+            done = requests and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in requests)
+            return done and runtime.get("model_id") != first and status
+
+        status = _wait("a retraining and a new champion", new_champion, RETRAIN_WAIT_S, watch, log)
+        time.sleep(65)  # two more ticks of every sensor: nothing else may be requested
+        status = _status(tmp_path)
+    finally:
+        if watch.poll() is None:
+            _stop_and_time(watch, signal.SIGTERM, log)
+
+    requests = status["retraining"]["requests"]
+    assert len(requests) == 1, requests
+    assert requests[0]["report"] == "prod_003" and requests[0]["status"] == "SUCCESS" and "drift" in requests[0]["reason"]
+    assert status["retraining"]["waiting"] == []
+    assert status["batch_predictions"]["batches"]["prod_003"]["accuracy"] is not None  # realised accuracy of the old model
+    assert status["review_feedback"]["labelled_samples"] == len(delayed_labels("prod_003"))
+    second = status["onnx_runtime"]["model_id"]
+    assert second != first
+    before, after = _holdout_accuracy(tmp_path / "artifacts", first), _holdout_accuracy(tmp_path / "artifacts", second)
+    assert after > before + 0.1, (before, after)
