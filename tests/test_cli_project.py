@@ -44,7 +44,7 @@ def test_status_from_a_subfolder_and_from_elsewhere_reads_the_project_instance(t
     assert f"project    {project.resolve()} (workspace.yaml)" in human
     assert f"landing    {(project / 'landing').resolve()}" in human
     assert asset_lines(human) == LIFECYCLE
-    assert "batches 3 · files 1,797 · rejected 0" in human
+    assert "batches 3 · files 1,124 · rejected 0" in human
     assert "  check check_raw_images_not_empty: passed" in human
     assert "cleaned_dataset   not materialized\n  next: `cvops run`" in human
     assert not (sub / ".dagster_home").exists() and not (project / "notebooks" / ".dagster_home").exists()

@@ -33,7 +33,7 @@ def tick_sensor(launcher: Any, queued: bool, sensor_name: str, cursor: str | Non
     from cvops_dagster.definitions import defs
 
     instance = launcher.instance
-    sensor = defs.get_sensor_def(sensor_name)
+    sensor = defs.resolve_sensor_def(sensor_name)
     resources = {name: value for name, value in defs.resources.items()}  # type: ignore[union-attr]
     with build_sensor_context(instance=instance, cursor=cursor, resources=resources, definitions=defs, sensor_name=sensor_name) as context:
         result = sensor(context)

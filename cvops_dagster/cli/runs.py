@@ -97,7 +97,8 @@ class _Progress:
             print(f"  {elapsed:6.1f}s  materialized {mat.asset_key.to_user_string()}{part}", flush=True)
         elif name == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
-            print(f"  {elapsed:6.1f}s  check {ev.check_name}: {'passed' if ev.passed else 'FAILED'}", flush=True)
+            verdict = "passed" if ev.passed else ("WARNING" if ev.severity.value == "WARN" else "FAILED")
+            print(f"  {elapsed:6.1f}s  check {ev.check_name}: {verdict}", flush=True)
         elif name == "STEP_FAILURE":
             message = _root_cause(event.event_specific_data.error)
             print(f"  {elapsed:6.1f}s  FAILED {event.step_key}: {message}", flush=True)

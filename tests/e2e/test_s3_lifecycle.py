@@ -38,7 +38,7 @@ def test_seed_run_status_predict_on_s3(tmp_path: Path, endpoint: str) -> None:
     cvops("run", cwd=tmp_path, env=env)
     status = json.loads(cvops("status", "--json", cwd=tmp_path, env=env).stdout)
     cleaned, trained, runtime = status["cleaned_dataset"], status["trained_model"], status["onnx_runtime"]
-    assert cleaned["input"] == 1797 and trained["dataset_version"] == cleaned["version"]
+    assert cleaned["input"] == 1124 and trained["dataset_version"] == cleaned["version"]
     assert trained["test_accuracy"] >= 0.95
     assert runtime["model_id"] == status["production_model"]["model_id"]
 

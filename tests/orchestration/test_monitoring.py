@@ -35,7 +35,7 @@ from cvops_dagster.ingestion.labels import (
 from cvops_dagster.ingestion.production import production_batch
 from cvops_dagster.ingestion.sample_data import digit_images, labelled_and_production_indices, png_bytes
 from cvops_dagster.ingestion.landing import LandingZone
-from cvops_dagster.monitoring.feedback import FEEDBACK_BATCH_PREFIX, REASON_LABELS_FILE
+from cvops_dagster.monitoring.feedback import FEEDBACK_BATCH_PREFIX, REASON_LABELS_FILE, REASON_NOT_AN_IMAGE
 from cvops_dagster.monitoring.predictions import (
     PREDICTION_COLUMNS,
     STATUS_PREDICTED,
@@ -249,6 +249,23 @@ def test_a_hostile_batch_gives_one_row_per_entry(project: Project) -> None:
     for path in ("text.png", "truncated.png"):
         assert by_path.loc[path, "status"] == STATUS_QUARANTINED and by_path.loc[path, "reason"]
     assert "_READY" not in by_path.index and "labels.csv" not in by_path.index
+
+    # Labels for refused files never become training records; each is refused with its reason.
+    good = str(project.digits[files["img_0000.png"]])
+    project.write_labels(
+        "hostile", f"file,label\nimg_0000.png,{good}\ntext.png,1\ntruncated.png,1\nempty.png,1\nlink.png,1\nsub/nested.png,1\n"
+    )
+    assert project.run_labels("hostile").success
+    figures = _values(project.latest("batch_predictions", "hostile"))
+    assert figures["labelled_images"] == 1 and figures["reused_predictions"] is True
+    assert dict(zip(_feedback_rows(project, "hostile")["path"], _feedback_rows(project, "hostile")["label"], strict=True)) == {
+        "img_0000.png": good
+    }
+    refused = dict(zip(*[_feedback_quarantine(project, "hostile")[c] for c in ("file", "reason")], strict=True))
+    for path in ("text.png", "truncated.png"):
+        assert refused[path] == f"{REASON_NOT_AN_IMAGE}:{by_path.loc[path, 'reason']}"
+    for path in ("empty.png", "link.png", "sub/nested.png"):  # not batch files: the landing rules refused them
+        assert refused[path] == ROW_UNKNOWN_FILE
 
 
 def test_pillow_corpus_files_end_in_one_status_each(project: Project, pillow_corpus: Path) -> None:

@@ -227,11 +227,43 @@ def test_a_failed_batch_run_is_retried_even_after_a_labels_run(tmp_path: Path) -
         (batch_run,) = first.run_requests
         write_labels(tmp_path, "p1", "file,label\n0.png,cat\n")
         labels = tick(instance, tmp_path, first.cursor)  # the first run is still in flight
-        (labels_run,) = labels.run_requests
+        for labels_run in labels.run_requests:  # (today: one labels-only run)
+            create_run_for_test(instance, job_name="production_job", status=DagsterRunStatus.SUCCESS, tags={RUN_KEY_TAG: labels_run.run_key})
         create_run_for_test(instance, job_name="production_job", status=DagsterRunStatus.FAILURE, tags={RUN_KEY_TAG: batch_run.run_key})
-        create_run_for_test(instance, job_name="production_job", status=DagsterRunStatus.SUCCESS, tags={RUN_KEY_TAG: labels_run.run_key})
         retry = tick(instance, tmp_path, labels.cursor)
-        assert [r.asset_selection for r in retry.run_requests] == [None]
+        # The whole production_job (drift_report included) is requested again for the batch.
+        assert [(r.partition_key, r.asset_selection) for r in retry.run_requests] == [("p1", None)]
+
+
+def test_a_batch_already_predicted_elsewhere_is_not_requested_again(tmp_path: Path) -> None:
+    from cvops_dagster.ingestion.landing import LandingZone
+    from cvops_dagster.ingestion.production import production_batch
+
+    make_batch(tmp_path, "p1")
+    fingerprint = production_batch(LandingZone(str(tmp_path)), "p1").fingerprint
+    with instance_for_test() as instance:
+        # `cvops run` predicted p1 before the sensor ever ran (empty cursor).
+        instance.add_dynamic_partitions("production_batches", ["p1"])
+        instance.report_runless_asset_event(
+            AssetMaterialization(asset_key="batch_predictions", partition="p1", metadata={"fingerprint": fingerprint})
+        )
+        result = tick(instance, tmp_path, None)
+        assert result.run_requests == [] and result.dynamic_partitions_requests == []
+        assert set(json.loads(result.cursor)["batches"]) == {"p1"}
+        # Labels newer than that run's are news: a labels-only run, once.
+        write_labels(tmp_path, "p1", "file,label\n0.png,cat\n")
+        labels = tick(instance, tmp_path, result.cursor)
+        assert [r.asset_selection for r in labels.run_requests] == [[AssetKey(n) for n in LABELS_ASSETS]]
+        assert tick(instance, tmp_path, labels.cursor).run_requests == []
+        # A lost cursor again, with labels the last run already read: nothing.
+        stamp = LandingZone(str(tmp_path)).labels_fingerprint("p1")
+        instance.report_runless_asset_event(
+            AssetMaterialization(asset_key="batch_predictions", partition="p1", metadata={"fingerprint": fingerprint, "labels_fingerprint": stamp})
+        )
+        assert tick(instance, tmp_path, None).run_requests == []
+        # Changed images are a new run, whatever was predicted before.
+        make_batch(tmp_path, "p1", files=3)
+        assert [r.asset_selection for r in tick(instance, tmp_path, None).run_requests] == [None]
 
 
 # --------------------------------------------------------------------------- drift_retrain_sensor
