@@ -40,6 +40,8 @@ from sensors.batches import FULL_SCAN_INTERVAL_S, MAX_ATTEMPTS, RUN_KEY_TAG
 PRODUCTION_BATCH_TAG = "cvops/production_batch"
 TRIGGER_TAG = "cvops/trigger"
 LABELS_ASSETS = ("batch_predictions", "review_feedback")
+#: The requests the cursor follows per batch, each retried on its own when its run fails.
+PENDING_KINDS = ("run", "labels_run")
 
 
 def _labels_stamp(landing: Any, batch_id: str) -> str | None:  # noqa: ANN401 - a LandingZone
@@ -91,10 +93,12 @@ def production_batches_sensor(context: SensorEvaluationContext, image_source: Im
             seen[batch_id], request = _request(batch_id, {**entry, "labels": labels}, "labels_run", labels_only=True)
             requests.append(request)
             continue
-        retried = _retry_if_failed(context, batch_id, entry)
-        seen[batch_id] = retried[0] if retried else entry
-        if retried:
-            requests.append(retried[1])
+        for kind in PENDING_KINDS:
+            retried = _retry_if_failed(context, batch_id, entry, kind)
+            if retried:
+                entry = retried[0]
+                requests.append(retried[1])
+        seen[batch_id] = entry
     cursor = json.dumps({"batches": seen, "full_scan_at": now if full_scan else state.get("full_scan_at", 0.0)}, sort_keys=True)
     if not requests:
         return SensorResult(skip_reason="no new or changed production batch or labels", cursor=cursor)
@@ -126,7 +130,13 @@ def _request(batch_id: str, entry: dict[str, Any], kind: str, labels_only: bool,
     if attempt:
         run_key += f":retry{attempt}"
     tags = {PRODUCTION_BATCH_TAG: batch_id, TRIGGER_TAG: "production_labels" if labels_only else "production_batch"}
-    updated = {**entry, "pending": {"kind": kind, "run_key": run_key, "attempts": attempt + 1}}
+    # One pending request per kind: a labels run requested while the batch's run is still in
+    # flight must not hide that run, which is retried on its own if it fails.
+    pending = {k: v for k, v in (entry.get("pending") or {}).items() if k in PENDING_KINDS and k != kind}
+    if kind == "run":
+        pending.pop("labels_run", None)  # a new batch run reads the labels too
+    pending[kind] = {"run_key": run_key, "attempts": attempt + 1}
+    updated = {**entry, "pending": pending}
     request = RunRequest(
         run_key=run_key,
         partition_key=batch_id,
@@ -143,16 +153,16 @@ def _key(name: str):  # noqa: ANN202
 
 
 def _retry_if_failed(
-    context: SensorEvaluationContext, batch_id: str, entry: dict[str, Any]
+    context: SensorEvaluationContext, batch_id: str, entry: dict[str, Any], kind: str
 ) -> tuple[dict[str, Any], RunRequest] | None:
-    """A new request when the run last requested for the batch failed (bounded attempts)."""
-    pending = entry.get("pending")
-    if not pending or int(pending.get("attempts", 0)) >= MAX_ATTEMPTS:
+    """A new request when the ``kind`` run last requested for the batch failed (bounded attempts)."""
+    pending = (entry.get("pending") or {}).get(kind)
+    if not isinstance(pending, dict) or int(pending.get("attempts", 0)) >= MAX_ATTEMPTS:
         return None
     runs = context.instance.get_runs(filters=RunsFilter(tags={RUN_KEY_TAG: pending["run_key"]}), limit=1)
     if not runs or runs[0].status != DagsterRunStatus.FAILURE:
         return None
-    labels_only = pending["kind"] == "labels_run"
-    updated, request = _request(batch_id, entry, pending["kind"], labels_only, attempt=int(pending["attempts"]))
-    context.log.info(f"production batch {batch_id}: run {pending['run_key']} failed; requesting it again ({updated['pending']['attempts']}/{MAX_ATTEMPTS})")
+    updated, request = _request(batch_id, entry, kind, kind == "labels_run", attempt=int(pending["attempts"]))
+    attempts = updated["pending"][kind]["attempts"]
+    context.log.info(f"production batch {batch_id}: run {pending['run_key']} failed; requesting it again ({attempts}/{MAX_ATTEMPTS})")
     return updated, request

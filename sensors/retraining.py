@@ -50,6 +50,9 @@ DRIFT_REASON_TAG = "cvops/drift_reason"
 EVENT_TAG_PREFIX = "cvops/drift_event."
 #: The assets a retraining run materializes (labelled batches are already ingested).
 RETRAIN_ASSETS = ("cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime")
+#: Retraining runs requested per drift event: the first and two retries of a failed one.
+MAX_ATTEMPTS = 3
+_ENDED_BADLY = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 _IN_FLIGHT = [
     DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
 ]  # fmt: skip
@@ -87,12 +90,15 @@ def labels_state(instance: Any) -> LabelsState:  # noqa: ANN401
     if latest is None:
         return LabelsState(None, 0)
     meta = {k: v.value for k, v in latest.asset_materialization.metadata.items()}
-    consumed = set()
-    records = instance.fetch_materializations(AssetKey("cleaned_dataset"), limit=200).records
-    for record in records:
+    # A dataset version counts as having used the labels only when its run went through
+    # (trained, gated, published or kept): a retraining that failed after cleaning did not.
+    versions: dict[str, str] = {}
+    for record in instance.fetch_materializations(AssetKey("cleaned_dataset"), limit=200).records:
         value = record.asset_materialization.metadata.get("review_feedback_version")
         if value is not None and value.value:
-            consumed.add(str(value.value))
+            versions[record.run_id] = str(value.value)
+    succeeded = {run.run_id for run in instance.get_runs(RunsFilter(run_ids=list(versions))) if run.status == DagsterRunStatus.SUCCESS} if versions else set()
+    consumed = {version for run_id, version in versions.items() if run_id in succeeded or not run_id}
     return LabelsState(meta.get("version"), int(meta.get("labelled_samples") or 0), frozenset(consumed))
 
 
@@ -107,10 +113,30 @@ def _requested_runs(instance: Any) -> list[Any]:  # noqa: ANN401
     return list(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: DRIFT_TRIGGER}), limit=500))
 
 
+def failed_attempts(instance: Any, events: list[DriftEvent]) -> dict[str, int]:  # noqa: ANN401
+    """Per event, how many retraining runs tagged with it failed or were canceled."""
+    counts: dict[str, int] = {}
+    runs = _requested_runs(instance)
+    for event in events:
+        tag = event_tag(event.event)
+        counts[event.event] = sum(1 for run in runs if tag in run.tags and run.status in _ENDED_BADLY)
+    return counts
+
+
 def handled_events(instance: Any, events: list[DriftEvent], cursor_handled: dict[str, str]) -> set[str]:  # noqa: ANN401
-    """Events a request already covered: in the cursor, or tagged on a requested run."""
-    tags = {tag for run in _requested_runs(instance) for tag in run.tags if tag.startswith(EVENT_TAG_PREFIX)}
-    return set(cursor_handled) | {e.event for e in events if event_tag(e.event) in tags}
+    """Events a request already covered: tagged on a run that did not fail, or on
+    :data:`MAX_ATTEMPTS` failed ones (given up), or requested on a tick whose run does not
+    exist yet (the cursor). An event whose retraining failed fewer times is open again, so a
+    crashed retraining is retried, a bounded number of times."""
+    runs = _requested_runs(instance)
+    handled = set()
+    for event in events:
+        tag = event_tag(event.event)
+        tagged = [run for run in runs if tag in run.tags]
+        failed = sum(1 for run in tagged if run.status in _ENDED_BADLY)
+        if len(tagged) > failed or failed >= MAX_ATTEMPTS or (not tagged and event.event in cursor_handled):
+            handled.add(event.event)
+    return handled
 
 
 @dataclass(frozen=True)
@@ -166,7 +192,8 @@ def _retrain_run_config() -> dict[str, Any]:
     description="When a production batch's drift report crosses the threshold, requests one retraining run "
     "(cleaned_dataset -> hpo_study -> trained_model -> production_model -> onnx_runtime) once labelled production "
     "images newer than the last dataset version exist; until then the drift event waits (see the tick). Exactly "
-    "once per drift event (batch, images, served model). On when CVOPS_RETRAIN_ON includes drift (the default).",
+    "once per drift event (batch, images, served model); a failed retraining is requested again up to 3 times. On when "
+    "CVOPS_RETRAIN_ON includes drift (the default).",
 )
 def drift_retrain_sensor(context: SensorEvaluationContext, artifact_store: ArtifactStore) -> SensorResult:
     state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
@@ -183,6 +210,9 @@ def drift_retrain_sensor(context: SensorEvaluationContext, artifact_store: Artif
         return SensorResult(skip_reason=f"cannot read the retraining run config: {exc}", cursor=context.cursor)
     run_key = decision.run_key
     assert run_key is not None
+    retry = max(failed_attempts(context.instance, list(decision.request)).values(), default=0)
+    if retry:  # a new key: Dagster skips a run key a sensor already used
+        run_key += f":retry{retry}"
     first = decision.request[0]
     tags = {
         TRIGGER_TAG: DRIFT_TRIGGER,

@@ -170,10 +170,12 @@ class DelayedLabelsSource:
 
 
 def _stamp_time(fingerprint: str | None) -> str:
-    """When a labels file was written, from its stamp (``<mtime>:<size>`` locally), else now."""
+    """When a labels file was written, from its stamp (``<mtime in ns>:<size>`` on a local
+    landing zone), else now (an S3 stamp is an ETag, not a time)."""
     if fingerprint:
         try:
-            return datetime.fromtimestamp(float(fingerprint.split(":", 1)[0]), UTC).isoformat(timespec="seconds")
+            stamp = int(fingerprint.split(":", 1)[0])
+            return datetime.fromtimestamp(stamp / 1e9, UTC).isoformat(timespec="seconds")
         except (ValueError, OverflowError, OSError):
             pass
     return datetime.now(UTC).isoformat(timespec="seconds")

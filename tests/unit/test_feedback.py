@@ -261,12 +261,6 @@ def test_a_rejected_prediction_row_is_not_labelled(zone: tuple[Path, ArtifactSto
     assert [q["reason"] for q in result.quarantined] == [f"{REASON_NOT_AN_IMAGE}:empty_file"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="feedback._stamp_time parses the labels fingerprint as '<seconds>:<size>', but LandingZone.labels_fingerprint "
-    "is '<mtime_ns>:<size>' locally (ETag-based on S3): float(mtime_ns) overflows, so labelled_at is always 'now' "
-    "and 'same source, later label wins' cannot order two labels.csv files by when they were written",
-)
 def test_labelled_at_is_when_the_labels_file_was_written(zone: tuple[Path, ArtifactStorage]) -> None:
     landing, storage = zone
     _production_batch(landing, storage, "p1", {"a.png": b"image-a"})
@@ -284,11 +278,6 @@ class _FrozenNow(datetime):
         return datetime(2030, 1, 1, tzinfo=tz)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same bug as test_labelled_at_is_when_the_labels_file_was_written: both labels get labelled_at 'now', so "
-    "the batch collected first wins instead of the labels.csv written later",
-)
 def test_same_image_in_two_batches_keeps_the_later_labels_file(
     zone: tuple[Path, ArtifactStorage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
