@@ -27,7 +27,6 @@ from assets.metadata import (
     ASSET_OWNERS,
     BOOL,
     FLOAT,
-    INT,
     STRING,
     artifact,
     counts_table,
@@ -315,12 +314,14 @@ class ReviewFeedbackConfig(Config):
     owners=ASSET_OWNERS,
     description="Every labelled production image from every label source (delayed `labels.csv` files now), one "
     "label each, content-addressed, with its source batch and label source; refused labels quarantined with "
-    "their reason. The next cleaned_dataset version includes these records.",
+    "their reason. The next cleaned_dataset version includes these records. Also the realised accuracy of the model "
+    "that served each labelled batch, plotted over batches.",
 )
 def review_feedback(
     context: AssetExecutionContext, config: ReviewFeedbackConfig, image_source: ImageSource, artifact_store: ArtifactStore
 ) -> MaterializeResult:
     from cvops_dagster.monitoring.feedback import DelayedLabelsSource, collect_feedback, feedback_key, write_feedback
+    from cvops_dagster.monitoring.plots import accuracy_over_batches_png
     from cvops_dagster.monitoring.predictions import read_predictions
     from cvops_dagster.training.model_store import load_card
 
@@ -332,6 +333,7 @@ def review_feedback(
         for model_id in set(frame["model_id"].dropna().astype(str)) if frame is not None else ():
             if model_id not in label_sets:
                 label_sets[model_id] = tuple(load_card(storage, model_id)["labels"])
+    accuracy = [(b, (_latest_partition_metadata(context, "batch_predictions", b) or {}).get("accuracy")) for b in batches]
     source = DelayedLabelsSource(image_source.landing(), storage, tuple(batches), label_sets)
     feedback = collect_feedback([source], precedence=config.precedence)
     key = write_feedback(storage, feedback)
@@ -350,6 +352,10 @@ def review_feedback(
                 {"sample_id": STRING, "label": STRING, "source": STRING, "overridden_label": STRING, "overridden_source": STRING},
                 limit=100,
             ),
+            "realised_accuracy": records_table(
+                [{"batch_id": b, "accuracy": a} for b, a in accuracy], {"batch_id": STRING, "accuracy": FLOAT}
+            ),
+            **_plot(lambda: accuracy_over_batches_png(accuracy), "realised_accuracy_over_batches", context.log),
             "manifest_key": feedback_key(feedback.version),
             "uri": artifact(storage.uri(key)),
             "dagster/row_count": feedback.labelled_samples,
@@ -357,5 +363,3 @@ def review_feedback(
         data_version=DataVersion(feedback.version),
     )
 
-
-__all__ = ["INT", "batch_predictions", "drift_report", "review_feedback"]

@@ -1,4 +1,4 @@
-"""``cvops seed``, ``demo``, ``ui``, ``watch``, ``bench`` and ``predict``."""
+"""``cvops seed``, ``ui``, ``watch``, ``bench`` and ``predict``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import json
 import os
 import sys
 
-from cvops_dagster.cli.common import CvopsError, artifact_storage, landing_zone
-from cvops_dagster.cli.runs import cmd_run
+from cvops_dagster.cli.common import CvopsError, artifact_storage
 from cvops_dagster.core import settings
 from cvops_dagster.core.instance import ensure_dagster_home
 

@@ -26,6 +26,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,31 +215,12 @@ def predict_batch(
     accepted = manifest[manifest["status"] == STATUS_INGESTED]
     keys = list(dict.fromkeys(accepted["image_key"].astype(str)))  # identical files decode once
     facts, outputs, timings = _decode_and_predict(storage, keys, predictor, config, workers)
-    by_key = {key: i for i, key in enumerate(keys)}
     model_id = predictor.metadata.model_id
-    rows: list[dict[str, Any]] = []
-    for record in manifest.itertuples(index=False):
-        row: dict[str, Any] = {
-            "record_id": record.record_id, "batch_id": batch_id, "path": record.path, "sample_id": record.sample_id,
-            "image_key": record.image_key, "model_id": model_id, "runtime_sha256": predictor.sha256,
-        }  # fmt: skip
-        if record.status != STATUS_INGESTED:
-            rows.append({**row, "status": STATUS_REJECTED, "reason": record.reason, "file_size": record.size_bytes})
-            continue
-        i = by_key[str(record.image_key)]
-        fact = facts.iloc[i]
-        features = {name: fact[name] for name in NUMERIC_FEATURES}
-        if outputs[i] is None:
-            reason = fact["reason"] if isinstance(fact["reason"], str) else "not_predicted"
-            detail = fact["reason_detail"] if isinstance(fact["reason_detail"], str) else None
-            rows.append({**row, "status": STATUS_QUARANTINED, "reason": reason, "reason_detail": detail, "file_size": record.size_bytes})
-            continue
-        class_index, confidence, probabilities, embedding = outputs[i]
-        rows.append({
-            **row, **features, "status": STATUS_PREDICTED, "format": fact["format"], "label": predictor.labels[class_index],
-            "class_index": class_index, "confidence": confidence, "probabilities": probabilities, "embedding": embedding,
-        })  # fmt: skip
-    frame = prediction_frame(rows)
+    frame = _assemble(manifest, keys, facts, outputs, predictor.labels)
+    frame["batch_id"] = batch_id
+    frame["model_id"] = model_id
+    frame["runtime_sha256"] = predictor.sha256
+    frame = prediction_frame(frame)
     key = predictions_key(batch_id)
     storage.write_parquet(key, frame)
     seconds = timings["decode"] + timings["predict"]
@@ -252,9 +234,45 @@ def predict_batch(
     return result
 
 
-def prediction_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _assemble(
+    manifest: pd.DataFrame, keys: list[str], facts: pd.DataFrame, outputs: list[Any], labels: Sequence[str]
+) -> pd.DataFrame:
+    """One row per manifest entry: rejected (landing reason), quarantined (decoder reason) or
+    predicted (features and model outputs), joined on the image key (identical files share one
+    decode and one prediction)."""
+    per_key = facts[["format", "reason", "reason_detail", *NUMERIC_FEATURES]].copy()
+    per_key.insert(0, "image_key", keys)
+    predicted = np.array([o is not None for o in outputs], dtype=bool)
+    per_key["predicted"] = predicted
+    per_key["class_index"] = [o[0] if o is not None else None for o in outputs]
+    per_key["confidence"] = [o[1] if o is not None else np.nan for o in outputs]
+    per_key["probabilities"] = [o[2] if o is not None else None for o in outputs]
+    per_key["embedding"] = [o[3] if o is not None else None for o in outputs]
+    entries = manifest[["record_id", "path", "status", "reason", "sample_id", "image_key", "size_bytes"]].rename(
+        columns={"status": "ingest_status", "reason": "landing_reason"}
+    )
+    frame = entries.merge(per_key, on="image_key", how="left")
+    ingested = (frame["ingest_status"] == STATUS_INGESTED).to_numpy()
+    ok = ingested & frame["predicted"].fillna(False).astype(bool).to_numpy()
+    frame["status"] = np.where(ok, STATUS_PREDICTED, np.where(ingested, STATUS_QUARANTINED, STATUS_REJECTED))
+    frame["reason"] = np.where(
+        ok, None, np.where(ingested, frame["reason"].where(frame["reason"].notna(), "not_predicted"), frame["landing_reason"])
+    )
+    frame.loc[~ingested, "reason_detail"] = None
+    # Features and outputs only for predicted rows; a refused file keeps its size.
+    for name in (*NUMERIC_FEATURES, "format", "class_index", "confidence", "probabilities", "embedding"):
+        frame.loc[~ok, name] = None
+    frame.loc[~ok, "file_size"] = frame.loc[~ok, "size_bytes"]
+    label_of = np.asarray(labels, dtype=object)
+    frame["label"] = None
+    indices = frame.loc[ok, "class_index"].astype("int64").to_numpy()
+    frame.loc[ok, "label"] = label_of[indices] if len(indices) else []
+    return frame
+
+
+def prediction_frame(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Rows as the predictions frame, with fixed dtypes whatever the rows hold."""
-    frame = pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+    frame = pd.DataFrame(rows, columns=PREDICTION_COLUMNS) if not isinstance(rows, pd.DataFrame) else rows.reindex(columns=PREDICTION_COLUMNS)
     for name in ("record_id", "batch_id", "path", "status", "reason", "reason_detail", "sample_id", "image_key",
                  "format", "label", "model_id", "runtime_sha256"):  # fmt: skip
         frame[name] = frame[name].astype("string")

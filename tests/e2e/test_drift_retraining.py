@@ -72,6 +72,7 @@ def _holdout_accuracy(artifacts: Path, model_id: str) -> float:
     return sum(p == str(t) for p, t in zip(predicted, labels, strict=True)) / len(labels)
 
 
+@pytest.mark.timeout(1800)
 def test_drifted_batch_then_labels_retrain_once_and_the_new_champion_gains_on_drifted_images(tmp_path: Path) -> None:
     from cvops_dagster.monitoring.sample_stream import delayed_labels, write_delayed_labels
 

@@ -41,10 +41,20 @@ def test_seed_run_status_predict_on_s3(tmp_path: Path, endpoint: str) -> None:
     assert cleaned["input"] == 1124 and trained["dataset_version"] == cleaned["version"]
     assert trained["test_accuracy"] >= 0.95
     assert runtime["model_id"] == status["production_model"]["model_id"]
+    # The production stream on the S3 landing zone: predicted, reported on, labels read.
+    from cvops_dagster.monitoring.sample_stream import delayed_labels
+
+    predictions, reports = status["batch_predictions"]["batches"], status["drift_report"]["batches"]
+    assert {b: p["images"] for b, p in predictions.items()} == {"prod_001": 150, "prod_002": 120, "prod_003": 240}
+    assert predictions["prod_001"]["accuracy"] >= 0.9 and predictions["prod_002"]["accuracy"] is None
+    assert reports["prod_003"]["drift"] is True and reports["prod_001"]["drift"] is False
+    labelled = sum(len(delayed_labels(b)) for b in predictions)
+    assert status["review_feedback"]["labelled_samples"] == labelled
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="cvops") for o in page.get("Contents", [])]
     assert any(k.startswith("artifacts/runtimes/") and k.endswith(".onnx") for k in keys)
+    assert {f"artifacts/monitoring/predictions/{b}.parquet" for b in predictions} <= set(keys)
     # The Optuna study followed the artifact root instead of a folder of the working directory.
     assert "artifacts/optuna/journal.log" in keys and not (tmp_path / ".cvops-optuna").exists()
     assert not (tmp_path / ".cvops").exists(), "an artifact was written locally instead of to S3"

@@ -1,7 +1,8 @@
-"""The Dagster UI after `cvops seed` + `cvops run`, in a real browser: what a user sees.
+"""The Dagster UI after `cvops demo`, in a real browser: what a user sees.
 
-A small but real project (the bundled digits, a two-trial search of one epoch each, two
-training epochs) is run with the `cvops` command line; then `dagster-webserver` serves that
+A small but real project (the bundled digits and production stream, a two-trial search of one
+epoch each, two training epochs) is run with `cvops demo` (first champion, production batches,
+drift reports, delayed labels, one drift retraining); then `dagster-webserver` serves that
 instance and this repository's code location, and Chromium (driven by Playwright) visits the
 tour's pages. Each page is saved as a screenshot in ``docs/ui-tour/`` (the README's "Tour of
 the UI"), and what the issue promises is checked through the page text:
@@ -9,6 +10,8 @@ the UI"), and what the issue promises is checked through the page text:
 - the Overview timeline and ``lifecycle_job``'s page show the runs `cvops run` made;
 - asset pages show owners, a row count, a column schema, typed tables and thumbnails, not
   raw JSON objects;
+- the drift report of a drifted batch shows its plots and its WARN check, and the retraining
+  run names its cause in its tags;
 - no newsletter prompt on a first visit (``nux: enabled: false`` in the instance's dagster.yaml);
 - no page shows an error.
 
@@ -37,7 +40,10 @@ pytestmark = pytest.mark.slow
 TOUR = Path(__file__).resolve().parents[2] / "docs" / "ui-tour"
 #: The code location's name, as workspace.yaml and `cvops run` give it.
 LOCATION = "cvops_dagster.definitions"
-ASSETS = ("raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime")
+ASSETS = (
+    "raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime",
+    "batch_predictions", "drift_report", "review_feedback",
+)  # fmt: skip
 SMALL = (
     "ops:\n"
     "  hpo_study: {config: {n_trials: 2, max_epochs: 1}}\n"
@@ -70,6 +76,10 @@ SHOTS = (
     "10-lifecycle-run.png",
     "11-runs.png",
     "12-automation.png",
+    "13-drift-report.png",
+    "14-drift-report-plot.png",
+    "15-drift-check-warning.png",
+    "16-retraining-run.png",
 )
 
 
@@ -187,7 +197,7 @@ def raw_json_keys(rows: dict[str, str]) -> list[str]:
 
 
 def _project(tmp_path: Path) -> dict[str, str]:
-    """`cvops seed` + a small `cvops run` in ``tmp_path``; returns the environment they used."""
+    """A small `cvops demo` in ``tmp_path``; returns the environment it used."""
     env = {
         "CVOPS_LANDING": str(tmp_path / "landing"),
         "CVOPS_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
@@ -199,12 +209,11 @@ def _project(tmp_path: Path) -> dict[str, str]:
     }
     config = tmp_path / "small.yaml"
     config.write_text(SMALL)
-    cvops("seed", cwd=tmp_path, env=env)
-    cvops("run", "--config", str(config), cwd=tmp_path, env=env)
+    cvops("demo", "--config", str(config), cwd=tmp_path, env=env)
     return env
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_ui_tour(tmp_path: Path) -> None:
     reason = missing_browser_reason()
     if reason:
@@ -343,9 +352,33 @@ def test_ui_tour(tmp_path: Path) -> None:
 
         # 12. Sensors.
         text = tour.visit("/automation", "image_batches_sensor")
-        for sensor in ("image_batches_sensor", "asset_update_sensor"):
+        for sensor in ("image_batches_sensor", "asset_update_sensor", "production_batches_sensor", "drift_retrain_sensor"):
             tour.check(sensor in text, f"{sensor} is not listed")
         tour.shot(SHOTS[11])
+
+        # 13-15. The drifted batch's drift report: figures, plots, the WARN check.
+        text = tour.visit("/assets/drift_report?partition=prod_003", "Metadata")
+        rows = tour.metadata_rows()
+        tour.check(rows.get("drift") in ("true", "True"), f"prod_003's report is not flagged: drift = {rows.get('drift')!r}")
+        for key in ("score", "threshold", "tests", "top_features"):
+            tour.check(key in rows, f"drift_report's metadata lacks {key}")
+        tour.shot(SHOTS[12])
+        key, images = tour.markdown_images("most_moved_features")
+        if tour.check(key == "most_moved_features", f"the most-moved features plot does not render: {images}"):
+            tour.shot(SHOTS[13])
+            tour.close_dialog()
+        text = tour.visit("/assets/drift_report?view=checks", "check_drift_report_within_threshold")
+        tour.check(re.search(r"warn", text, re.IGNORECASE) is not None, "the drift check shows no warning (WARN severity)")
+        tour.shot(SHOTS[14])
+
+        # 16. The retraining run, linked to its cause by its tags.
+        status = json.loads(cvops("status", "--json", cwd=tmp_path, env=env).stdout)
+        requests = status["retraining"]["requests"]
+        if tour.check(len(requests) == 1, f"the demo made {len(requests)} retraining requests"):
+            text = tour.visit(f"/runs/{requests[0]['run_id']}", "lifecycle_job")
+            tour.check("cvops/trigger" in text and "drift" in text, "the retraining run shows no cvops/trigger: drift tag")
+            tour.check("prod_003" in text, "the retraining run does not name the drifted batch")
+            tour.shot(SHOTS[15])
 
         tour.failures += [f"uncaught page error: {e}" for e in page_errors]
 
