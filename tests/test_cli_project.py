@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_status_from_a_subfolder_and_from_elsewhere_reads_the_project_instance(t
     assert asset_lines(human) == LIFECYCLE
     assert "batches 3 · files 1,124 · rejected 0" in human
     assert "  check check_raw_images_not_empty: passed" in human
-    assert "cleaned_dataset   not materialized\n  next: `cvops run`" in human
+    assert re.search(r"cleaned_dataset +not materialized\n  next: `cvops run`", human), human
     assert not (sub / ".dagster_home").exists() and not (project / "notebooks" / ".dagster_home").exists()
     assert list(sub.iterdir()) == []
 
@@ -112,7 +113,7 @@ def test_lifecycle_order_follows_the_graph() -> None:
     from cvops_dagster.definitions import defs
 
     names = [k.to_user_string() for k in lifecycle_order(defs.resolve_asset_graph())]
-    assert names[: len(LIFECYCLE)] == LIFECYCLE
+    assert names == [*LIFECYCLE, "batch_predictions", "drift_report", "review_feedback"]
 
 
 def test_lifecycle_order_slots_new_assets_in_by_dependency() -> None:
@@ -210,7 +211,28 @@ def test_status_text_for_a_failed_run_and_a_healthy_graph() -> None:
     assert "  check c: passed on the latest batch, FAILED in b0" in text and "  next: c failed in b0:" in text
 
 
+def test_status_text_of_the_production_side() -> None:
+    """Drift is a warning with what follows from it, not a `next:` for the user; no production batch
+    yet is a note; cleaned_dataset does not wait for review feedback it can build without."""
+    warn = check(False, blocking=False, severity="WARN", failed_partitions=["prod_003"])
+    views = [
+        AssetView("raw_images", {"batches": 1}, {}, [], partitioned=True),
+        AssetView("cleaned_dataset", None, {}, ["raw_images", "review_feedback"]),
+        AssetView("batch_predictions", None, {}, [], partitioned=True),
+        AssetView("drift_report", {"batch_id": "prod_003", "drift": True, "score": 1.0, "threshold": 0.95},
+                  {"check_drift_report_within_threshold": warn}, ["batch_predictions"], partitioned=True),
+        AssetView("review_feedback", None, {}, ["batch_predictions"]),
+    ]  # fmt: skip
+    text = "\n".join(format_status(views))
+    assert "  warning: check_drift_report_within_threshold in prod_003: drift; drift_retrain_sensor retrains" in text
+    assert "next: check_drift_report_within_threshold" not in text
+    assert "  note: no production batch yet: put one in <landing>/production/<batch_id>/" in text
+    assert re.search(r"cleaned_dataset +not materialized\n  next: `cvops run`", text), text
+    assert "batch_id prod_003 · drift yes · score 1 · threshold 0.95" in text
+    assert text.endswith("1 asset to act on: see the `next:` lines above")
+
+
 def test_key_figures_of_an_unknown_asset_are_its_first_plain_ones() -> None:
     figures = {"materialized_at": "t", "drift": 0.123456, "tests": {"a": 1}, "path": "/x", "n": 3, "note": "x" * 80}
-    assert key_figures("drift_report", figures) == [("drift", "0.1235"), ("n", "3")]
+    assert key_figures("edge_case_review", figures) == [("drift", "0.1235"), ("n", "3")]
     assert key_figures("onnx_runtime", {"model_id": "m", "int8": {"accepted": False}}) == [("model_id", "m"), ("int8 accepted", "no")]

@@ -26,6 +26,9 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "trained_model": ("model_id", "test_accuracy", "macro_f1", "baseline_accuracy", "epochs_trained"),
     "production_model": ("decision", "model_id", "test_accuracy", "promoted"),
     "onnx_runtime": ("model_id", "publication", "parity_max_abs_diff", "parity_argmax_agreement", "int8.accepted"),
+    "batch_predictions": ("batch_id", "images", "quarantined", "mean_confidence", "accuracy"),
+    "drift_report": ("batch_id", "drift", "score", "threshold"),
+    "review_feedback": ("labelled_samples", "quarantined", "version"),
 }
 #: Figures shown for an asset without a KEY_FIGURES entry.
 GENERIC_FIGURES = 5
@@ -65,11 +68,19 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
+#: The asset group of the production side, listed after the lifecycle it watches.
+PRODUCTION_GROUP = "monitoring"
+
+
 def lifecycle_order(graph: Any) -> list[Any]:
-    """Every asset key of the graph in lifecycle order: topological, ties alphabetical."""
+    """Every asset key of the graph in lifecycle order: topological, ties alphabetical, the
+    production side (the ``monitoring`` group) after the lifecycle it watches (its feedback
+    into the next dataset version closes a loop rather than coming first)."""
     keys = set(graph.get_all_asset_keys())
     ordered = [k for k in graph.toposorted_asset_keys if k in keys]
-    return ordered + sorted(keys - set(ordered), key=lambda k: k.to_user_string())
+    ordered += sorted(keys - set(ordered), key=lambda k: k.to_user_string())
+    production = [k for k in ordered if graph.get(k).group_name == PRODUCTION_GROUP]
+    return [k for k in ordered if k not in production] + production
 
 
 # ------------------------------------------------------------------------------------------ collect
@@ -249,6 +260,18 @@ def _raw_images_status(instance: Any, key: Any, records_filter: Any) -> dict[str
     }
 
 
+#: Inputs an asset builds without (cleaned_dataset includes review feedback once there is some).
+OPTIONAL_PARENTS: dict[str, tuple[str, ...]] = {"cleaned_dataset": ("review_feedback",)}
+#: What a never-materialized production asset waits for: production data, not a user's action.
+PRODUCTION_NOTES = {
+    "batch_predictions": "no production batch yet: put one in <landing>/production/<batch_id>/ (images, then _READY); "
+    "production_batches_sensor predicts it under `cvops watch` or `cvops ui`, or `cvops run` does",
+}
+#: What a failed WARN check means, shown beside it.
+WARN_NOTES = {
+    "check_drift_report_within_threshold": "drift; drift_retrain_sensor retrains once labelled production images "
+    "exist (see retraining below)",
+}
 #: Partitioned production assets: the figures ``cvops status --json`` shows per batch.
 PER_BATCH_FIGURES: dict[str, tuple[str, ...]] = {
     "batch_predictions": ("images", "quarantined", "class_counts", "mean_confidence", "model_id", "accuracy", "labelled_images"),
@@ -441,6 +464,10 @@ def _asset_block(view: AssetView, width: int, blocked: dict[str, str], missing: 
         if check.get("result") == "failed" or check.get("failed_partitions"):
             partitions = check.get("failed_partitions") or ([check["partition"]] if check.get("partition") else [])
             where = f" in {', '.join(partitions)}" if partitions else ""
+            if check.get("severity") == "WARN":
+                # A warning reports (drift); what follows from it is a sensor's business.
+                lines.append(f"  warning: {check_name}{where}" + (f": {WARN_NOTES[check_name]}" if check_name in WARN_NOTES else ""))
+                continue
             hints.append(
                 f"  next: {check_name} failed{where}: fix its cause (its figures are above), then "
                 f"`cvops run --select '{view.name}*'` (it and everything after it)"
@@ -457,11 +484,13 @@ def _asset_block(view: AssetView, width: int, blocked: dict[str, str], missing: 
         stopped = f"  waits: {upstream_block} (run {run['run_id']} stopped there)"
         hints.append(stopped if upstream_block else _run_hint(run, figures is not None))
     elif figures is None:
-        upstream_missing = [p for p in view.parents if p in missing]
+        upstream_missing = [p for p in view.parents if p in missing and p not in OPTIONAL_PARENTS.get(view.name, ())]
         if upstream_block:
             hints.append(f"  waits: {upstream_block}")
         elif upstream_missing:
             hints.append(f"  waits: {', '.join(upstream_missing)} (not materialized yet)")
+        elif view.name in PRODUCTION_NOTES:
+            lines.append(f"  note: {PRODUCTION_NOTES[view.name]}")
         elif not view.parents and view.partitioned:
             hints.append("  next: put complete batches in the landing zone (`cvops seed` for the sample), then `cvops run`")
         else:
