@@ -170,7 +170,9 @@ def batch_predictions(
         }),
         data_version=DataVersion(f"{batch.fingerprint}:{model_id}"),
         check_results=[
-            AssetCheckResult(check_name=CHECK_PREDICTIONS, passed=len(predicted) > 0, metadata=safe_metadata({"images": len(predicted)}))
+            AssetCheckResult(
+                check_name=CHECK_PREDICTIONS, passed=len(predicted) > 0, metadata=safe_metadata({"batch_id": batch_id, "images": len(predicted)})
+            )
         ],
     )
 
@@ -278,7 +280,10 @@ def drift_report(context: AssetExecutionContext, config: DriftReportConfig, arti
                 check_name=CHECK_DRIFT,
                 passed=not report.drift,
                 severity=AssetCheckSeverity.WARN,
-                metadata=safe_metadata({"score": figure(report.score), "threshold": figure(report.threshold), "verdict": report.verdict}),
+                metadata=safe_metadata({
+                    "batch_id": batch_id, "score": figure(report.score), "threshold": figure(report.threshold),
+                    "verdict": report.verdict,
+                }),  # fmt: skip
             )
         ],
     )
