@@ -30,13 +30,16 @@ __all__ = ["build_parser", "collect_status", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvops",
-        description="CVOps on Dagster: ingest image batches, clean, tune, train, promote and export. "
+        description="CVOps on Dagster: ingest image batches, clean, tune, train, promote and export; predict "
+        "production batches, report drift and retrain on it. "
         "Works from any folder of the project: the project is $CVOPS_HOME, else the nearest folder upwards "
         "holding a workspace.yaml that loads cvops_dagster.definitions (outside any project: the current folder). "
         f"Environment (each wins over the project default): {settings.LANDING_ENV} (default <project>/{settings.LANDING_DIR}), "
         f"{settings.ARTIFACT_ROOT_ENV} (default <project>/{settings.ARTIFACT_DIR}), "
         f"{settings.DAGSTER_HOME_ENV} (default <project>/{settings.DAGSTER_HOME_DIR}), {settings.S3_ENDPOINT_ENV}; "
-        "a relative path in them is relative to the current folder.",
+        "a relative path in them is relative to the current folder. "
+        f"{settings.RETRAIN_ON_ENV} (new_data,drift | new_data | drift | none) and {settings.RETRAIN_CONFIG_ENV} (a run "
+        "config file for drift retraining runs) set the retraining policy.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -182,3 +182,29 @@ def test_ensure_dagster_home_uses_the_project(tmp_path: Path, monkeypatch: pytes
 )
 def test_a_relative_optuna_storage_is_made_absolute(url: str, expected: str) -> None:
     assert settings.absolute_optuna_storage(url, cwd=Path("/work/p")) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, {"new_data", "drift"}),
+        ("", {"new_data", "drift"}),
+        ("drift", {"drift"}),
+        (" new_data , drift ", {"new_data", "drift"}),
+        ("NEW_DATA", {"new_data"}),
+        ("none", set()),
+    ],
+)
+def test_retrain_triggers(value: str | None, expected: set[str]) -> None:
+    environ = {} if value is None else {settings.RETRAIN_ON_ENV: value}
+    assert settings.retrain_triggers(environ) == expected
+
+
+def test_an_unknown_retrain_trigger_names_the_variable() -> None:
+    with pytest.raises(ValueError, match="CVOPS_RETRAIN_ON.*'weekly'"):
+        settings.retrain_triggers({settings.RETRAIN_ON_ENV: "drift,weekly"})
+
+
+def test_retrain_run_config_path() -> None:
+    assert settings.retrain_run_config_path({}) is None
+    assert settings.retrain_run_config_path({settings.RETRAIN_CONFIG_ENV: " /x/retrain.yaml "}) == "/x/retrain.yaml"
