@@ -13,7 +13,9 @@ minutes, all of them) is listed again and fingerprinted:
 
 A labels file is only ever read inside a run (never by the sensor), so a malformed or hostile
 ``labels.csv`` cannot break a tick; the run records its reasons. A failed run is requested
-again up to :data:`MAX_ATTEMPTS` times, as ``image_batches_sensor`` does.
+again up to :data:`MAX_ATTEMPTS` times, as ``image_batches_sensor`` does. Until a runtime is
+served (``production/serving.json``) the sensor requests nothing: the batches wait for the
+first champion.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from dagster import (
 
 from assets.partitions import production_batches
 from cvops_dagster.ingestion.production import production_run_key
-from resources.storage import ImageSource
+from resources.storage import ArtifactStore, ImageSource
 from sensors.batches import FULL_SCAN_INTERVAL_S, MAX_ATTEMPTS, RUN_KEY_TAG
 
 PRODUCTION_BATCH_TAG = "cvops/production_batch"
 TRIGGER_TAG = "cvops/trigger"
 LABELS_ASSETS = ("batch_predictions", "review_feedback")
+NOTHING_SERVED = "no runtime is served yet (production/serving.json): production batches wait for the first champion"
 #: The requests the cursor follows per batch, each retried on its own when its run fails.
 PENDING_KINDS = ("run", "labels_run")
 
@@ -55,14 +58,21 @@ def _labels_stamp(landing: Any, batch_id: str) -> str | None:  # noqa: ANN401 - 
     job_name="production_job",
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds each complete production batch (landing/production/<batch_id>/ holding _READY) as a "
+    description="Once a runtime is served, adds each complete production batch (landing/production/<batch_id>/ holding _READY) as a "
     "production_batches partition and requests one run of batch_predictions, drift_report and review_feedback "
     "for it; a new or changed labels.csv requests batch_predictions (realised accuracy) and review_feedback. "
     "Failed runs are retried up to 3 times.",
 )
-def production_batches_sensor(context: SensorEvaluationContext, image_source: ImageSource) -> SensorResult:
+def production_batches_sensor(
+    context: SensorEvaluationContext, image_source: ImageSource, artifact_store: ArtifactStore
+) -> SensorResult:
     from cvops_dagster.ingestion.production import production_batch
+    from cvops_dagster.serving.pointer import read_pointer
 
+    if read_pointer(artifact_store.storage) is None:
+        # Nothing to predict with: the batches wait, unseen, for the first champion (runs now
+        # would only fail, be retried and fill the run queue ahead of the training they wait on).
+        return SensorResult(skip_reason=NOTHING_SERVED, cursor=context.cursor)
     landing = image_source.landing()
     state: dict[str, Any] = json.loads(context.cursor) if context.cursor else {}
     seen: dict[str, dict[str, Any]] = state.get("batches", {})

@@ -58,11 +58,31 @@ def write_labels(landing: Path, batch: str, data: bytes | str, mtime_ns: int | N
     return path
 
 
-def tick(instance: DagsterInstance, landing: Path, cursor: str | None) -> SensorResult:
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={"image_source": ImageSource(root=str(landing))})
+def tick(instance: DagsterInstance, landing: Path, cursor: str | None, served: bool = True) -> SensorResult:
+    """One tick on the landing zone ``landing`` (its artifact store beside it, serving a model
+    unless ``served`` is false)."""
+    artifacts = landing.parent / f"{landing.name}-artifacts"
+    storage = ArtifactStorage(str(artifacts))
+    if served and not storage.exists(SERVING_KEY):
+        serve(storage, "m-served")
+    resources = {"image_source": ImageSource(root=str(landing)), "artifact_store": ArtifactStore(root=str(artifacts))}
+    context = build_sensor_context(instance=instance, cursor=cursor, resources=resources)
     result = production_batches_sensor(context)
     assert isinstance(result, SensorResult)
     return result
+
+
+def test_nothing_is_requested_before_a_runtime_is_served(tmp_path: Path) -> None:
+    """Batches that arrive before the first champion wait, unseen, and are requested once one is served."""
+    landing = tmp_path / "landing"
+    make_batch(landing, "p1")
+    with instance_for_test() as instance:
+        waiting = tick(instance, landing, None, served=False)
+        assert waiting.run_requests == [] and waiting.dynamic_partitions_requests == []
+        assert "no runtime is served yet" in waiting.skip_reason.skip_message
+        served = tick(instance, landing, waiting.cursor)
+        (request,) = served.run_requests
+        assert request.partition_key == "p1"
 
 
 def apply(instance: DagsterInstance, result: SensorResult) -> None:
