@@ -51,9 +51,14 @@ def tick_sensor(launcher: Any, queued: bool, sensor_name: str, cursor: str | Non
             partition_key=request.partition_key, asset_selection=selection,
         )  # fmt: skip
         if run.status != DagsterRunStatus.SUCCESS:
-            raise CvopsError(f"{label} failed: {_failure_message(instance, run.run_id)} (run {run.run_id})")
+            message = _failure_message(instance, run.run_id)
+            if job != "lifecycle_job" or "check_" not in message:
+                raise CvopsError(f"{label} failed: {message} (run {run.run_id})")
+            # A retraining whose challenger a blocking check refused: the champion keeps serving.
+            print(f"  the retraining's challenger was refused ({message}); the champion keeps serving", flush=True)
         runs.append(run)
-    return result.cursor, runs, getattr(result, "skip_message", None)
+    skip = getattr(result, "skip_reason", None)
+    return result.cursor, runs, getattr(skip, "skip_message", None) if skip is not None else None
 
 
 def _drift_lines(instance: Any) -> list[str]:  # noqa: ANN401

@@ -116,7 +116,7 @@ def test_drifted_batch_then_labels_retrain_once_and_the_new_champion_gains_on_dr
             return done and runtime.get("model_id") != first and status
 
         status = _wait("a retraining and a new champion", new_champion, RETRAIN_WAIT_S, watch, log)
-        time.sleep(65)  # two more ticks of every sensor: nothing else may be requested
+        time.sleep(35)  # another tick of every sensor: nothing else may be requested
         status = _status(tmp_path)
     finally:
         if watch.poll() is None:
