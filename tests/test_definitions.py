@@ -81,10 +81,18 @@ def test_new_labels_alone_never_start_a_dataset_version() -> None:
     with instance_for_test() as instance:
         instance.add_dynamic_partitions("image_batches", ["b1"])
         result = evaluate_automation_conditions(defs=defs, instance=instance)
+        # A labelled batch: a new dataset version, although review_feedback was never materialized.
+        materialize(instance, "raw_images", "batch-1", partition="b1")
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        assert "cleaned_dataset" in requested(result)
+        materialize(instance, "cleaned_dataset", "v1")
+        result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+        # Production labels alone: nothing.
         materialize(instance, "review_feedback", "labels-1")
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
         assert "cleaned_dataset" not in requested(result)
-        materialize(instance, "raw_images", "batch-1", partition="b1")
+        # Another labelled batch: a new version again.
+        materialize(instance, "raw_images", "batch-2", partition="b1")
         result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
         assert "cleaned_dataset" in requested(result)
 

@@ -35,7 +35,11 @@ def test_seed_run_status_predict_on_s3(tmp_path: Path, endpoint: str) -> None:
         "CVOPS_S3_ENDPOINT_URL": endpoint,
     }
     cvops("seed", cwd=tmp_path, env=env)
-    cvops("run", cwd=tmp_path, env=env)
+    # A small budget: this test is about S3, the search and training have their own tests.
+    (tmp_path / "small.yaml").write_text(
+        "ops:\n  hpo_study: {config: {n_trials: 2, max_epochs: 3}}\n  trained_model: {config: {max_epochs: 8}}\n"
+    )
+    cvops("run", "--config", str(tmp_path / "small.yaml"), cwd=tmp_path, env=env)
     status = json.loads(cvops("status", "--json", cwd=tmp_path, env=env).stdout)
     cleaned, trained, runtime = status["cleaned_dataset"], status["trained_model"], status["onnx_runtime"]
     assert cleaned["input"] == 1124 and trained["dataset_version"] == cleaned["version"]
