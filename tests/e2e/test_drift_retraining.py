@@ -54,13 +54,32 @@ def _wait(what: str, predicate, timeout_s: float, watch, log: Path):  # noqa: AN
         value = predicate()
         if value:
             return value
-        time.sleep(5)
+        time.sleep(3)
     raise AssertionError(f"no {what} within {timeout_s}s:\n{log.read_text()[-5000:]}")
 
 
-def _reports(tmp_path: Path) -> dict:
-    status = _status(tmp_path)
-    return (status.get("drift_report") or {}).get("batches") or {}
+class _Watcher:
+    """Cheap polls of the instance and the artifact store from this process, while the daemon
+    works (a `cvops status` per poll would load the code location each time and take CPU from
+    the very runs waited on); `cvops status --json` is read at the points asserted on."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from dagster import DagsterInstance
+
+        from cvops_dagster.core.storage import ArtifactStorage
+
+        self.instance = DagsterInstance.from_config(str(tmp_path / ".dagster_home"))
+        self.storage = ArtifactStorage(str(tmp_path / "artifacts"))
+
+    def reports(self) -> dict:
+        from sensors.retraining import drift_events
+
+        return {e.batch_id: e for e in drift_events(self.instance)}
+
+    def retraining(self):  # noqa: ANN201
+        from sensors.retraining import retraining_state
+
+        return retraining_state(self.instance, self.storage)
 
 
 def _holdout_accuracy(artifacts: Path, model_id: str) -> float:
@@ -88,41 +107,41 @@ def test_drifted_batch_then_labels_retrain_once_and_the_new_champion_gains_on_dr
     first = _status(tmp_path)["production_model"]["model_id"]
 
     watch, log = _start(tmp_path, "watch")
+    watcher = None
     try:
         _wait_for_daemon(tmp_path, watch, log)
         landing = tmp_path / "landing"
         _drop_batch(landing, "prod_001")  # in distribution
         _drop_batch(landing, "prod_003")  # the new camera
 
-        reports = _wait("two drift reports", lambda: (r := _reports(tmp_path)) and len(r) == 2 and r, REPORT_WAIT_S, watch, log)
+        watcher = _Watcher(tmp_path)
+        _wait("two drift reports", lambda: len(watcher.reports()) == 2, REPORT_WAIT_S, watch, log)
+        # Drift but no labels: the retraining waits, nothing is requested.
+        _wait("a waiting drift event", lambda: watcher.retraining().decision.waiting, 120, watch, log)
+        status = _status(tmp_path)
+        reports = status["drift_report"]["batches"]
         assert reports["prod_001"]["drift"] is False, reports["prod_001"]
         assert reports["prod_003"]["drift"] is True, reports["prod_003"]
         assert reports["prod_003"]["score"] >= reports["prod_003"]["threshold"]
         assert reports["prod_003"]["model_id"] == first
-
-        # Drift but no labels: the retraining waits, nothing is requested.
-        retraining = _wait(
-            "a waiting drift event", lambda: (r := _status(tmp_path)["retraining"])["waiting"] and r, 120, watch, log
-        )
-        assert [w["report"] for w in retraining["waiting"]] == ["prod_003"]
-        assert retraining["requests"] == []
-        checks = _status(tmp_path)["drift_report"]["checks"]["check_drift_report_within_threshold"]
+        assert [w["report"] for w in status["retraining"]["waiting"]] == ["prod_003"]
+        assert status["retraining"]["requests"] == []
+        checks = status["drift_report"]["checks"]["check_drift_report_within_threshold"]
         assert checks["severity"] == "WARN" and checks["failed_partitions"] == ["prod_003"]
 
         # The labels arrive: one retraining, a new champion served.
         write_delayed_labels(str(landing), "prod_003", delayed_labels("prod_003"))
 
-        def new_champion():  # noqa: ANN202
-            status = _status(tmp_path)
-            runtime = status.get("onnx_runtime") or {}
-            requests = status["retraining"]["requests"]
-            done = requests and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in requests)
-            return done and runtime.get("model_id") != first and status
+        def retrained() -> bool:
+            requests = watcher.retraining().requests
+            return bool(requests) and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in requests)
 
-        status = _wait("a retraining and a new champion", new_champion, RETRAIN_WAIT_S, watch, log)
+        _wait("the retraining run", retrained, RETRAIN_WAIT_S, watch, log)
         time.sleep(35)  # another tick of every sensor: nothing else may be requested
         status = _status(tmp_path)
     finally:
+        if watcher is not None:
+            watcher.instance.dispose()
         if watch.poll() is None:
             _stop_and_time(watch, signal.SIGTERM, log)
 
