@@ -113,55 +113,58 @@ def _requested_runs(instance: Any) -> list[Any]:  # noqa: ANN401
     return list(instance.get_runs(filters=RunsFilter(tags={TRIGGER_TAG: DRIFT_TRIGGER}), limit=500))
 
 
-def failed_attempts(instance: Any, events: list[DriftEvent]) -> dict[str, int]:  # noqa: ANN401
-    """Per event, how many retraining runs tagged with it failed or were canceled."""
-    counts: dict[str, int] = {}
-    runs = _requested_runs(instance)
+def attempts(runs: list[Any], events: list[DriftEvent]) -> dict[str, tuple[int, int]]:  # noqa: ANN401
+    """Per event: the requested retraining runs tagged with it, and how many of them failed or
+    were canceled."""
+    counts: dict[str, tuple[int, int]] = {}
     for event in events:
         tag = event_tag(event.event)
-        counts[event.event] = sum(1 for run in runs if tag in run.tags and run.status in _ENDED_BADLY)
+        tagged = [run for run in runs if tag in run.tags]
+        counts[event.event] = (len(tagged), sum(1 for run in tagged if run.status in _ENDED_BADLY))
     return counts
 
 
-def handled_events(instance: Any, events: list[DriftEvent], cursor_handled: dict[str, str]) -> set[str]:  # noqa: ANN401
+def handled_events(counts: dict[str, tuple[int, int]], cursor_handled: dict[str, str]) -> set[str]:
     """Events a request already covered: tagged on a run that did not fail, or on
     :data:`MAX_ATTEMPTS` failed ones (given up), or requested on a tick whose run does not
     exist yet (the cursor). An event whose retraining failed fewer times is open again, so a
     crashed retraining is retried, a bounded number of times."""
-    runs = _requested_runs(instance)
-    handled = set()
-    for event in events:
-        tag = event_tag(event.event)
-        tagged = [run for run in runs if tag in run.tags]
-        failed = sum(1 for run in tagged if run.status in _ENDED_BADLY)
-        if len(tagged) > failed or failed >= MAX_ATTEMPTS or (not tagged and event.event in cursor_handled):
-            handled.add(event.event)
-    return handled
+    return {
+        event
+        for event, (tagged, failed) in counts.items()
+        if tagged > failed or failed >= MAX_ATTEMPTS or (not tagged and event in cursor_handled)
+    }
 
 
 @dataclass(frozen=True)
 class RetrainingState:
-    """Everything ``retraining`` in ``cvops status --json`` shows, and what the sensor decides."""
+    """Everything ``retraining`` in ``cvops status --json`` shows, and what the sensor decides.
+
+    ``attempts``: per drift event, its requested runs and how many of them failed.
+    """
 
     decision: RetrainDecision
     requests: list[dict[str, Any]]
     champion: str | None
+    attempts: dict[str, tuple[int, int]]
 
 
 def retraining_state(instance: Any, storage: Any, cursor_handled: dict[str, str] | None = None) -> RetrainingState:  # noqa: ANN401
-    """The sensor's view now: its decision, and the retraining runs it requested so far."""
+    """The sensor's view now: its decision, and the retraining runs it requested so far (read
+    from the instance once)."""
     events = drift_events(instance)
     champion = served_model(storage)
     runs = _requested_runs(instance)
+    counts = attempts(runs, events)
     in_flight = any(run.status in _IN_FLIGHT for run in runs)
-    decision = decide_retraining(events, champion, handled_events(instance, events, cursor_handled or {}), labels_state(instance), in_flight)
+    decision = decide_retraining(events, champion, handled_events(counts, cursor_handled or {}), labels_state(instance), in_flight)
     requests = []
     for run in sorted(runs, key=lambda r: r.tags.get("cvops/requested_at", "")):
         requests.append({
             "report": run.tags.get(DRIFT_BATCH_TAG), "run_id": run.run_id, "requested_at": run.tags.get("cvops/requested_at"),
             "reason": run.tags.get(DRIFT_REASON_TAG), "status": run.status.value,
         })  # fmt: skip
-    return RetrainingState(decision, requests, champion)
+    return RetrainingState(decision, requests, champion, counts)
 
 
 def waiting_entries(decision: RetrainDecision) -> list[dict[str, Any]]:
@@ -210,7 +213,7 @@ def drift_retrain_sensor(context: SensorEvaluationContext, artifact_store: Artif
         return SensorResult(skip_reason=f"cannot read the retraining run config: {exc}", cursor=context.cursor)
     run_key = decision.run_key
     assert run_key is not None
-    retry = max(failed_attempts(context.instance, list(decision.request)).values(), default=0)
+    retry = max((current.attempts[e.event][1] for e in decision.request), default=0)
     if retry:  # a new key: Dagster skips a run key a sensor already used
         run_key += f":retry{retry}"
     first = decision.request[0]

@@ -11,14 +11,13 @@ monitoring run can hand them. Empty inputs give a labelled "no data" panel, NaN 
 (or embedding rows containing them) are dropped, and single values and constant columns are
 drawn with a widened range instead of a degenerate one.
 
-No Dagster import: the assets wrap the bytes in ``MetadataValue`` themselves. The local
-:func:`_png` mirrors the one in :mod:`cvops_dagster.training.evaluation` rather than importing
-it, which would pull in torch and the dataset loaders just to draw a histogram.
+No Dagster import: the assets wrap the bytes in ``MetadataValue`` themselves. Figures become
+PNGs through :func:`cvops_dagster.core.figures.figure_png`, as the training plots do (without
+importing the training module, which would pull in torch to draw a histogram).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from cvops_dagster.core.figures import figure_png  # noqa: E402
 
 #: Plots are shown inline in asset metadata for every batch: small on purpose.
 PLOT_DPI = 80
@@ -44,23 +43,8 @@ _BATCH_COLOR = "tab:orange"
 
 
 def _png(fig: Any) -> bytes:
-    """The figure as a small PNG (80 dpi, 64-colour palette); the figure is closed.
-
-    Same recipe as ``cvops_dagster.training.evaluation._png``: the palette PNG is about a
-    quarter of the RGBA one and indistinguishable for line and bar plots.
-    """
-    buffer = io.BytesIO()
-    try:
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        small = image.convert("RGB").quantize(colors=64)
-    out = io.BytesIO()
-    small.save(out, format="png", optimize=True)
-    return out.getvalue()
+    """The figure as a small PNG at this module's resolution (see :func:`figure_png`)."""
+    return figure_png(fig, PLOT_DPI)
 
 
 def _finite(values: Any) -> np.ndarray:

@@ -3,7 +3,6 @@ baseline every trained model is reported beside."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +12,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support  # noqa: E402
 from torch import nn  # noqa: E402
 
+from cvops_dagster.core.figures import figure_png  # noqa: E402
 from cvops_dagster.datasets.loading import LoadedDataset  # noqa: E402
 from cvops_dagster.imaging.preprocessing import InputSpec, preprocess  # noqa: E402
 
@@ -58,17 +57,8 @@ PLOT_DPI = 72
 
 
 def _png(fig: Any) -> bytes:
-    """The figure as a small PNG: 72 dpi, a 64-colour palette (a quarter of the RGBA size)."""
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight")
-    plt.close(fig)
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        small = image.convert("RGB").quantize(colors=64)
-    out = io.BytesIO()
-    small.save(out, format="png", optimize=True)
-    return out.getvalue()
+    """The figure as a small PNG at this module's resolution (see :func:`figure_png`)."""
+    return figure_png(fig, PLOT_DPI)
 
 
 def confusion_matrix_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "Confusion matrix") -> bytes:
