@@ -21,8 +21,10 @@ from assets.metadata import (
     artifact,
     counts_table,
     dataset_overview,
+    STRING,
     figure,
     json_value,
+    records_table,
     parquet_table_metadata,
     upstream,
     safe_metadata,
@@ -69,13 +71,17 @@ def cleaned_dataset(
     batches = sorted(context.instance.get_materialized_partitions(AssetKey("raw_images")))
     feedback = _review_feedback(context)
     raw = read_raw_manifests(artifact_store.storage, batch_ids=batches)
+    decisions = None
     if feedback is not None:
-        from cvops_dagster.monitoring.feedback import read_feedback_records  # loads ONNX Runtime: here, not at load
+        # loads ONNX Runtime: here, not at load
+        from cvops_dagster.monitoring.feedback import read_feedback_records, read_review_decisions
 
         records = read_feedback_records(artifact_store.storage, feedback.figure("manifest_key"))
         raw = pd.concat([raw, records], ignore_index=True) if len(records) else raw
+        decisions = read_review_decisions(artifact_store.storage, feedback.figure("decisions_key"))
     cleaning = CleaningConfig(mode=config.mode)
-    result = clean_dataset(artifact_store.storage, raw, cleaning, workers=config.workers)
+    result = clean_dataset(artifact_store.storage, raw, cleaning, workers=config.workers, review=decisions)
+    review = result.dataset_info.get("review", {})
     report = validate_dataset(
         result.manifest,
         ValidationConfig(min_class_count=config.min_class_count, min_class_ratio=config.min_class_ratio),
@@ -92,6 +98,14 @@ def cleaned_dataset(
             "batches": json_value(batches),
             "review_feedback_version": feedback.figure("version") if feedback is not None else None,
             "review_feedback_samples": feedback.figure("labelled_samples") if feedback is not None else 0,
+            "review_overrides": len(review.get("overrides", [])),
+            "review_discards": int(review.get("discarded", 0)),
+            "review_confirmed": int(review.get("confirmed", 0)),
+            "review_override_examples": records_table(
+                review.get("overrides", []),
+                {"record_id": STRING, "old_label": STRING, "new_label": STRING, "source": STRING, "reviewed_at": STRING},
+                limit=100,
+            ),
             "inputs": {"review_feedback": feedback.reference("version") if feedback is not None else None},
             "input": summary["input"],
             "clean": summary["clean"],

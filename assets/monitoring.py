@@ -38,6 +38,7 @@ from assets.metadata import (
     table,
 )
 from assets.partitions import production_batches
+from resources.review import FiftyOneConnection
 from resources.storage import ArtifactStore, ImageSource
 
 CHECK_DRIFT = "check_drift_report_within_threshold"
@@ -312,20 +313,32 @@ class ReviewFeedbackConfig(Config):
 
 
 @asset(
-    deps=["batch_predictions"],
+    deps=["batch_predictions", "edge_case_review"],
     group_name="monitoring",
     kinds={"python", "parquet"},
     code_version="1",
     owners=ASSET_OWNERS,
-    description="Every labelled production image from every label source (delayed `labels.csv` files now), one "
-    "label each, content-addressed, with its source batch and label source; refused labels quarantined with "
-    "their reason. The next cleaned_dataset version includes these records. Also the realised accuracy of the model "
-    "that served each labelled batch, plotted over batches.",
+    description="Every labelled production image from every label source (the FiftyOne review: samples tagged "
+    "`reviewed` with a `ground_truth`; delayed `labels.csv` files), one label each, content-addressed, with its "
+    "source batch and label source; a review beats a delayed label, recorded. Reviews of test-split images become "
+    "relabel decisions and `discard` tags discard decisions, which the next cleaned_dataset version applies as "
+    "recorded overrides and quarantine (`review_discard`). Refused labels are quarantined with their reason. Also "
+    "the realised accuracy of the model that served each labelled batch, plotted over batches.",
 )
 def review_feedback(
-    context: AssetExecutionContext, config: ReviewFeedbackConfig, image_source: ImageSource, artifact_store: ArtifactStore
+    context: AssetExecutionContext,
+    config: ReviewFeedbackConfig,
+    image_source: ImageSource,
+    artifact_store: ArtifactStore,
+    fiftyone: FiftyOneConnection,
 ) -> MaterializeResult:
-    from cvops_dagster.monitoring.feedback import DelayedLabelsSource, collect_feedback, feedback_key, write_feedback
+    from cvops_dagster.monitoring.feedback import (
+        DelayedLabelsSource,
+        collect_feedback,
+        decisions_key,
+        feedback_key,
+        write_feedback,
+    )
     from cvops_dagster.monitoring.plots import accuracy_over_batches_png
     from cvops_dagster.monitoring.predictions import read_predictions
     from cvops_dagster.training.model_store import load_card
@@ -339,8 +352,15 @@ def review_feedback(
             if model_id not in label_sets:
                 label_sets[model_id] = tuple(load_card(storage, model_id)["labels"])
     accuracy = [(b, (_latest_partition_metadata(context, "batch_predictions", b) or {}).get("accuracy")) for b in batches]
-    source = DelayedLabelsSource(image_source.landing(), storage, tuple(batches), label_sets)
-    feedback = collect_feedback([source], precedence=config.precedence)
+    sources: list = [DelayedLabelsSource(image_source.landing(), storage, tuple(batches), label_sets)]
+    # The FiftyOne review exists once edge_case_review made it: only then is MongoDB started.
+    if context.instance.get_latest_materialization_event(AssetKey("edge_case_review")) is not None:
+        from cvops_dagster.review.reviews import FiftyOneReviewSource
+
+        fiftyone.connect()
+        served = sorted({label for labels in label_sets.values() for label in labels})
+        sources.insert(0, FiftyOneReviewSource(fiftyone.dataset_name, tuple(served)))
+    feedback = collect_feedback(sources, precedence=config.precedence)
     key = write_feedback(storage, feedback)
     context.log.info(f"review feedback {feedback.version}: {feedback.labelled_samples} labelled images from {feedback.batches}")
     return MaterializeResult(
@@ -361,6 +381,10 @@ def review_feedback(
                 [{"batch_id": b, "accuracy": a} for b, a in accuracy], {"batch_id": STRING, "accuracy": FLOAT}
             ),
             **_plot(lambda: accuracy_over_batches_png(accuracy), "realised_accuracy_over_batches", context.log),
+            "review_decisions": len(feedback.decisions),
+            "decisions": counts_table(feedback.decision_counts(), "action", "images", by_count=False),
+            "decision_examples": table(feedback.decisions, limit=50),
+            "decisions_key": decisions_key(feedback.version) if len(feedback.decisions) else None,
             "manifest_key": feedback_key(feedback.version),
             "uri": artifact(storage.uri(key)),
             "dagster/row_count": feedback.labelled_samples,

@@ -25,18 +25,22 @@ import assets.datasets  # noqa: E402
 import assets.ingestion  # noqa: E402
 import assets.monitoring  # noqa: E402
 import assets.registry  # noqa: E402
+import assets.review  # noqa: E402
 import assets.serving  # noqa: E402
 import assets.training  # noqa: E402
 from assets.partitions import image_batches  # noqa: E402
+from cvops_dagster.core.settings import retrain_triggers  # noqa: E402
 from resources.catalog import git_source_from_env  # noqa: E402
+from resources.review import fiftyone_from_env  # noqa: E402
 from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
 from resources.tuning import optuna_storage_from_env  # noqa: E402
 from sensors.automation import asset_update_sensor  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
 from sensors.production import production_batches_sensor  # noqa: E402
 from sensors.retraining import drift_retrain_sensor  # noqa: E402
+from sensors.review import review_sensor  # noqa: E402
 
-ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.registry, assets.serving, assets.monitoring]
+ASSET_MODULES = [assets.ingestion, assets.datasets, assets.training, assets.registry, assets.serving, assets.monitoring, assets.review]
 #: The repository root: code references are mapped to a git URL relative to it.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +51,7 @@ ingest_job = define_asset_job(
 )
 
 #: The production side: one run per production batch (a production_batches partition).
-PRODUCTION_ASSETS = AssetSelection.assets("batch_predictions", "drift_report", "review_feedback")
+PRODUCTION_ASSETS = AssetSelection.assets("batch_predictions", "drift_report", "edge_case_review", "review_feedback")
 
 lifecycle_job = define_asset_job(
     "lifecycle_job",
@@ -60,7 +64,21 @@ production_job = define_asset_job(
     "production_job",
     selection=PRODUCTION_ASSETS,
     description="One production batch (a production_batches partition): predictions by the served runtime, the "
-    "drift report against the served model's reference, and the labelled production images (review_feedback).",
+    "drift report against the served model's reference, the FiftyOne review dataset (edge_case_review), and the "
+    "labelled production images (review_feedback).",
+)
+
+#: What a new review in the FiftyOne App refreshes (review_sensor): the feedback, and the next
+#: dataset version when new data may start a retraining (CVOPS_RETRAIN_ON includes new_data).
+REVIEW_ASSETS = AssetSelection.assets("review_feedback") | (
+    AssetSelection.assets("cleaned_dataset") if "new_data" in retrain_triggers() else AssetSelection.assets()
+)
+
+review_job = define_asset_job(
+    "review_job",
+    selection=REVIEW_ASSETS,
+    description="Reviews made in the FiftyOne App: review_feedback reads them (tags reviewed/discard), and, when "
+    "CVOPS_RETRAIN_ON includes new_data, cleaned_dataset makes the next dataset version with them. review_sensor runs it.",
 )
 
 rollback_job = define_asset_job(
@@ -89,12 +107,13 @@ def build_definitions() -> Definitions:
     return Definitions(
         assets=assets_with_code_references(),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
-        jobs=[ingest_job, lifecycle_job, production_job, rollback_job],
-        sensors=[image_batches_sensor, asset_update_sensor, production_batches_sensor, drift_retrain_sensor],
+        jobs=[ingest_job, lifecycle_job, production_job, review_job, rollback_job],
+        sensors=[image_batches_sensor, asset_update_sensor, production_batches_sensor, drift_retrain_sensor, review_sensor],
         resources={
             "artifact_store": artifact_store_from_env(),
             "image_source": image_source_from_env(),
             "optuna_storage": optuna_storage_from_env(),
+            "fiftyone": fiftyone_from_env(),
         },
     )
 

@@ -99,7 +99,9 @@ def labels_state(instance: Any) -> LabelsState:  # noqa: ANN401
             versions[record.run_id] = str(value.value)
     succeeded = {run.run_id for run in instance.get_runs(RunsFilter(run_ids=list(versions))) if run.status == DagsterRunStatus.SUCCESS} if versions else set()
     consumed = {version for run_id, version in versions.items() if run_id in succeeded or not run_id}
-    return LabelsState(meta.get("version"), int(meta.get("labelled_samples") or 0), frozenset(consumed))
+    # Review decisions (relabel/discard of images in the data) are new labels too.
+    labelled = int(meta.get("labelled_samples") or 0) + int(meta.get("review_decisions") or 0)
+    return LabelsState(meta.get("version"), labelled, frozenset(consumed))
 
 
 def served_model(storage: Any) -> str | None:  # noqa: ANN401 - an ArtifactStorage

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from cvops_dagster.core.settings import REVIEW_PREFIX_ENV  # kept: each test has its own review dataset (tests/conftest.py)
+
 from cvops_dagster.cli import build_parser
 
 
 def cvops(*args: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME")) or k == REVIEW_PREFIX_ENV}
     full_env.update(env or {})
     result = subprocess.run(
         [sys.executable, "-m", "cvops_dagster.cli", *args],
@@ -151,7 +153,7 @@ def _first_materialization(home: Path, asset: str) -> dict:
 
 
 @pytest.mark.slow
-def test_demo_meets_the_quality_bar_runs_the_drift_loop_and_predict_matches(tmp_path: Path) -> None:
+def test_demo_meets_the_quality_bar_runs_the_drift_loop_and_predict_matches(demo_project) -> None:  # noqa: ANN001
     """`cvops demo` on the bundled digits with the default budget: the first champion meets the
     quality bar; the production stream's drifted batches are flagged, the in-distribution one is
     not; one retraining on the delivered labels raises accuracy on held-out drifted images; then
@@ -164,8 +166,9 @@ def test_demo_meets_the_quality_bar_runs_the_drift_loop_and_predict_matches(tmp_
     from cvops_dagster.monitoring.sample_stream import delayed_labels
     from cvops_dagster.serving.predictor import Predictor
 
-    out = cvops("demo", cwd=tmp_path).stdout
+    tmp_path, out = demo_project.root, demo_project.stdout  # `cvops demo`, run once (tests/conftest.py)
     assert "UI:" in out and "artifacts:" in out
+    assert "cvops review --view edge_cases" in out and "review dataset demo_project_review:" in out
     assert "waiting for new labels (no labelled production images yet)" in out  # the drift sensor before the labels
     first_data = _first_materialization(tmp_path / ".dagster_home", "cleaned_dataset")
     first = _first_materialization(tmp_path / ".dagster_home", "trained_model")

@@ -11,6 +11,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from cvops_dagster.core.settings import REVIEW_PREFIX_ENV  # kept: each test has its own review dataset (tests/conftest.py)
 from PIL import Image
 
 from cvops_dagster.serving.predictor import Predictor
@@ -38,7 +40,7 @@ def _images(folder: Path, indices: range) -> list[Path]:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME")) or k == REVIEW_PREFIX_ENV}
     env["PYTHONPATH"] = str(REPO)
     return env
 

@@ -113,7 +113,7 @@ def test_lifecycle_order_follows_the_graph() -> None:
     from cvops_dagster.definitions import defs
 
     names = [k.to_user_string() for k in lifecycle_order(defs.resolve_asset_graph())]
-    assert names == [*LIFECYCLE, "batch_predictions", "drift_report", "review_feedback"]
+    assert names == [*LIFECYCLE, "batch_predictions", "drift_report", "edge_case_review", "review_feedback"]
 
 
 def test_lifecycle_order_slots_new_assets_in_by_dependency() -> None:

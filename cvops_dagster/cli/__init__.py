@@ -1,4 +1,4 @@
-"""The ``cvops`` command line: seed, run, status, demo, ui, predict, rollback and the benchmarks.
+"""The ``cvops`` command line: seed, run, status, demo, ui, watch, review, predict, rollback and the benchmarks.
 
 Every command works from any folder of the project: the project is ``$CVOPS_HOME``, else the
 nearest folder upwards holding a ``workspace.yaml`` that loads ``cvops_dagster.definitions``; the
@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cvops_dagster.cli.commands import cmd_bench, cmd_predict, cmd_seed, cmd_ui, cmd_watch
+from cvops_dagster.cli.commands import cmd_bench, cmd_predict, cmd_review, cmd_seed, cmd_ui, cmd_watch
 from cvops_dagster.cli.demo import cmd_demo
 from cvops_dagster.cli.common import CvopsError, apply_overrides, instance_only
 from cvops_dagster.cli.runs import cmd_rollback, cmd_run, install_stop_handlers
@@ -133,16 +133,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_roots(p)
     p.set_defaults(func=cmd_watch)
 
+    p = sub.add_parser(
+        "review",
+        help="the FiftyOne App on the review dataset (or one of its saved views) on 127.0.0.1, headless, "
+        "until Ctrl-C or SIGTERM",
+        description=f"Serves the FiftyOne App on 127.0.0.1 (never opens a browser) on the review dataset "
+        f"<prefix>_review (prefix: ${settings.REVIEW_PREFIX_ENV}, default {settings.DEFAULT_REVIEW_PREFIX}) and prints "
+        f"its URL. FiftyOne's database: ${settings.FIFTYONE_URI_ENV}, else the bundled mongod "
+        f"(data in ${settings.FIFTYONE_DIR_ENV}, default FiftyOne's own folder).",
+    )
+    p.add_argument("--view", metavar="NAME", help="open on this saved view of the dataset, e.g. edge_cases (default: the whole dataset)")
+    p.add_argument("--port", type=int, default=5151, metavar="N", help="port the App listens on (default 5151)")
+    p.set_defaults(func=cmd_review)
+
     p = sub.add_parser("bench", help="benchmarks, ratios measured side by side in one run")
     add_artifacts(p)
     p.add_argument(
         "name",
-        choices=["cleaning", "training", "runtime", "monitoring", "drift"],
-        help="cleaning, training, monitoring and drift: on data generated in a temporary folder (monitoring and "
-        "drift train a small model on the bundled digits first); runtime: the production runtime under the artifact root",
+        choices=["cleaning", "training", "runtime", "monitoring", "drift", "review"],
+        help="cleaning, training, monitoring, drift and review: on data generated in a temporary folder (monitoring and "
+        "drift train a small model on the bundled digits first; review writes FiftyOne datasets, in a temporary "
+        "database unless one is in use, and deletes them); runtime: the production runtime under the artifact root",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
-    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring: the same (default 2)")
+    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring and review: the same (default 2)")
     p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
     p.add_argument("--sets", type=lambda v: tuple(v.split(",")), help="cleaning: some of sample,tenx,large,incremental")
     p.add_argument("--digits", type=int, help="cleaning: digits in the sample and tenx sets (default all 1,797)")
@@ -154,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="runtime: without a production model, time a generated model of the default architecture",
     )
-    p.add_argument("--images", type=int, help="monitoring: PNG files in the production batch (default 5,000)")
+    p.add_argument("--images", type=int, help="monitoring: PNG files in the production batch; review: production images in the review dataset (default 5,000)")
     p.add_argument("--workers", type=int, help="monitoring: decode worker processes (default: the available cores)")
     p.add_argument("--batches", type=int, help="drift: resampled batches per condition and size (default 100)")
     p.add_argument(
@@ -202,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose and args.command in ("run", "demo", "bench"):
-        _quiet_libraries(trains=args.command != "bench" or args.name != "cleaning")
+        _quiet_libraries(trains=args.command != "bench" or args.name not in ("cleaning", "review"))
     try:
         args.roots = apply_overrides(args)  # resolved once, before the environment is exported
         if args.command in ("run", "demo", "rollback"):

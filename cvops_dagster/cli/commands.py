@@ -1,9 +1,10 @@
-"""``cvops seed``, ``ui``, ``watch``, ``bench`` and ``predict``."""
+"""``cvops seed``, ``ui``, ``watch``, ``review``, ``bench`` and ``predict``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -81,6 +82,33 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return run_service(command, "the Dagster daemon", after_stop=_end_stopped_runs("cvops watch"))
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    """The FiftyOne App on the review dataset (or a saved view of it), headless, until Ctrl-C or SIGTERM."""
+    from cvops_dagster.review.app import ReviewAppError, check_port_free, serve_app, stop_on_signals
+    from cvops_dagster.review.connection import ReviewConnectionError, configure, database_from_env, dataset_name
+
+    try:
+        name = dataset_name(settings.review_prefix())
+        check_port_free(args.port)  # before FiftyOne's slow start, and again just before the App binds
+    except ValueError as exc:
+        raise CvopsError(f"${settings.REVIEW_PREFIX_ENV}: {exc}") from exc
+    except ReviewAppError as exc:
+        raise CvopsError(str(exc)) from exc
+
+    def ready(url: str) -> None:
+        print(f"FiftyOne App on {url} (Ctrl-C or SIGTERM stops it)", flush=True)
+
+    # Signals are caught from here on: a Ctrl-C while FiftyOne starts still stops cleanly (exit 0).
+    with stop_on_signals() as stop:
+        try:
+            configure(database_from_env())
+            if not args.verbose:  # FiftyOne logs its remote-session (ssh) hints at INFO on stdout
+                logging.getLogger("fiftyone").setLevel(logging.WARNING)
+            return serve_app(name, args.view, args.port, ready=ready, stop=stop)
+        except (ReviewAppError, ReviewConnectionError) as exc:
+            raise CvopsError(str(exc)) from exc
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     settings.disable_telemetry()
     if args.name == "cleaning":
@@ -109,6 +137,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         given = {"batches": args.batches, "sizes": args.sizes, "threads": args.threads}
         figures = bench_drift(**{k: v for k, v in given.items() if v is not None})
+    elif args.name == "review":
+        from cvops_dagster.bench.review import bench_review
+
+        if not args.verbose:  # FiftyOne Brain logs each run's progress at INFO
+            logging.getLogger("fiftyone").setLevel(logging.WARNING)
+        given = {"images": args.images, "repeats": args.repeats}
+        figures = bench_review(**{k: v for k, v in given.items() if v is not None})
     else:
         from cvops_dagster.bench.runtime import benchmark_production_runtime
 

@@ -123,6 +123,7 @@ def run_demo(run_config: dict[str, Any] | None = None) -> dict[str, Any]:
         production_cursor, _, _ = tick_sensor(launcher, queued, "production_batches_sensor", None)
         print("drift reports:")
         print("\n".join(_drift_lines(instance)))
+        print(_review_line(instance))
         print("\n3. drift_retrain_sensor, before any label")
         drift_cursor, runs, reason = tick_sensor(launcher, queued, "drift_retrain_sensor", None)
         print(f"  {reason or 'requested ' + str(len(runs)) + ' run(s)'}")
@@ -151,6 +152,18 @@ def run_demo(run_config: dict[str, Any] | None = None) -> dict[str, Any]:
             "retraining_runs": len(runs)}  # fmt: skip
 
 
+def _review_line(instance) -> str:  # noqa: ANN001 - a DagsterInstance
+    """The review dataset edge_case_review built: its samples and saved views."""
+    from dagster import AssetKey
+
+    event = instance.get_latest_materialization_event(AssetKey("edge_case_review"))
+    if event is None:
+        return "review dataset: not built"
+    meta = {name: value.value for name, value in event.asset_materialization.metadata.items()}
+    views = ", ".join(f"{name} {count}" for name, count in (meta.get("view_counts") or {}).items())
+    return f"review dataset {meta.get('dataset')}: {meta.get('samples')} samples; saved views: {views}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cvops_dagster.cli.runs import read_run_config
 
@@ -165,4 +178,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"dagster instance: {home}")
     print("figures:          cvops status --json")
     print("UI:               cvops ui   (then open http://127.0.0.1:3000)")
+    print("edge cases:       cvops review --view edge_cases   (FiftyOne App; drifted batches: --view drift_<batch>)")
     return 0

@@ -28,7 +28,8 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "onnx_runtime": ("model_id", "publication", "parity_max_abs_diff", "parity_argmax_agreement", "int8.accepted"),
     "batch_predictions": ("batch_id", "images", "quarantined", "mean_confidence", "accuracy"),
     "drift_report": ("batch_id", "drift", "score", "threshold"),
-    "review_feedback": ("labelled_samples", "quarantined", "version"),
+    "edge_case_review": ("samples", "views.edge_cases", "views.likely_mislabeled", "app_command"),
+    "review_feedback": ("labelled_samples", "sources.fiftyone", "review_decisions", "quarantined", "version"),
 }
 #: Figures shown for an asset without a KEY_FIGURES entry.
 GENERIC_FIGURES = 5

@@ -267,3 +267,28 @@ def retrain_run_config_path(environ: Mapping[str, str] | None = None) -> str | N
     drift_retrain_sensor requests (the search budget, epochs); ``None`` for the assets' defaults."""
     value = (environ if environ is not None else os.environ).get(RETRAIN_CONFIG_ENV, "").strip()
     return value or None
+
+
+# --------------------------------------------------------------------------- review (FiftyOne)
+
+#: A MongoDB the user runs for FiftyOne (FiftyOne's own variable); unset: the bundled mongod.
+FIFTYONE_URI_ENV = "FIFTYONE_DATABASE_URI"
+#: Where the bundled mongod keeps its data (FiftyOne's own variable); unset: FiftyOne's default.
+FIFTYONE_DIR_ENV = "FIFTYONE_DATABASE_DIR"
+#: Prefix of the deployment's review dataset name (``<prefix>_review``); default ``cvops``.
+REVIEW_PREFIX_ENV = "CVOPS_REVIEW_DATASET_PREFIX"
+DEFAULT_REVIEW_PREFIX = "cvops"
+#: Local folder of the images the FiftyOne App shows (FiftyOne reads local files only).
+REVIEW_MEDIA_ENV = "CVOPS_REVIEW_MEDIA"
+REVIEW_MEDIA_DIR = ".cvops-media"
+
+
+def review_prefix(environ: Mapping[str, str] | None = None) -> str:
+    """``$CVOPS_REVIEW_DATASET_PREFIX``, else ``cvops``."""
+    return ((environ if environ is not None else os.environ).get(REVIEW_PREFIX_ENV) or "").strip() or DEFAULT_REVIEW_PREFIX
+
+
+def review_media_root(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> str:
+    """``$CVOPS_REVIEW_MEDIA``, else ``<project>/.cvops-media``, else ``./.cvops-media``."""
+    env = os.environ if environ is None else environ
+    return env.get(REVIEW_MEDIA_ENV) or _project_default(REVIEW_MEDIA_DIR, environ, cwd)

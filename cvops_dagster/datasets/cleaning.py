@@ -57,6 +57,7 @@ from cvops_dagster.datasets.manifest import (
     quarantine_examples,
 )
 from cvops_dagster.datasets.outcomes import Outcomes, decide_outcomes
+from cvops_dagster.datasets.review_decisions import REASON_REVIEW_DISCARD, AppliedReview, apply_review_decisions
 from cvops_dagster.datasets.splits import SplitConfig, dataset_version
 from cvops_dagster.imaging.policy import NORMALISATION_POLICY, DecodeConfig
 from cvops_dagster.imaging.sandbox import PoolStats
@@ -153,6 +154,8 @@ class CleaningResult:
             "classes": dict(info["classes"]),
             "mode": self.mode,
             "manifest_key": self.manifest_key,
+            "review_overrides": len(info.get("review", {}).get("overrides", [])),
+            "review_discards": int(info.get("review", {}).get("discarded", 0)),
         }
 
 
@@ -161,6 +164,7 @@ def clean_dataset(
     raw_manifest: pd.DataFrame,
     config: CleaningConfig = CleaningConfig(),
     workers: int | None = None,
+    review: pd.DataFrame | None = None,
 ) -> CleaningResult:
     """Clean every ingested raw record into one versioned dataset.
 
@@ -176,6 +180,8 @@ def clean_dataset(
             accounted for by ingestion).
         config: cleaning settings.
         workers: decode processes; ``None`` means one per CPU core.
+        review: reviewers' relabel/discard decisions about ingested images (see
+            :mod:`cvops_dagster.datasets.review_decisions`), recorded in dataset.json.
 
     Returns:
         The result, with :meth:`CleaningResult.summary` for status reporting.
@@ -186,7 +192,8 @@ def clean_dataset(
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    records = ingested_records(raw_manifest)
+    applied = apply_review_decisions(ingested_records(raw_manifest), review)
+    records = applied.records
     keys, key_samples = _distinct_keys(records)
     scratch = None if storage.is_local else Path(tempfile.mkdtemp(prefix="cvops-clean-"))
     try:
@@ -198,6 +205,11 @@ def clean_dataset(
         # The facts of each record's file; all missing for a record without one (row -1).
         facts = gathered.facts.reindex(records["row"].to_numpy()).reset_index(drop=True)
         facts["ok"] = facts["ok"].astype("boolean").fillna(False).astype(bool)
+        if applied.discarded.any():  # a reviewer's discard quarantines the record, with its reason
+            for column, value in (("ok", False), ("reason", REASON_REVIEW_DISCARD)):
+                facts[column] = facts[column].astype(object).where(~applied.discarded, value)
+            facts["reason_detail"] = facts["reason_detail"].astype(object).where(~applied.discarded, applied.discard_detail)
+            facts["ok"] = facts["ok"].astype(bool)
         outcomes = decide_outcomes(records, facts, config)
         timings["dedup_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
@@ -209,7 +221,7 @@ def clean_dataset(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     mark = time.perf_counter()
-    result = _write_dataset(storage, config, records, facts, outcomes, published, gathered)
+    result = _write_dataset(storage, config, records, facts, outcomes, published, gathered, applied)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
     result.timings.update(timings)
@@ -335,6 +347,7 @@ def _write_dataset(
     outcomes: Outcomes,
     published: Published,
     gathered: ImageFacts,
+    applied: AppliedReview,
 ) -> CleaningResult:
     """Build the manifest, check the accounting, and write the manifest and dataset.json."""
     clean = outcomes.clean
@@ -367,6 +380,7 @@ def _write_dataset(
     version = dataset_version(rows, context=f"mode={outcomes.mode}")
     manifest_key, dataset_json_key = dataset_keys(version)
     info = _dataset_info(config, version, outcomes, counts, manifest, labels, records["batch_id"].tolist())
+    info["review"] = applied.summary()
     storage.write_bytes(manifest_key, manifest_parquet(table))
     storage.write_json(dataset_json_key, info)  # last: a version with dataset.json is complete
     result = CleaningResult(

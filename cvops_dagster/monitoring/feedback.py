@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.datasets.review_decisions import DECISION_COLUMNS
 from cvops_dagster.ingestion.ingest import MANIFEST_COLUMNS as RAW_COLUMNS
 from cvops_dagster.ingestion.ingest import STATUS_INGESTED
 from cvops_dagster.ingestion.landing import LandingZone
@@ -80,11 +81,14 @@ class LabelledRecord:
 
 @dataclass
 class SourceResult:
-    """What one source gave: records, refused labels with reasons, batches it read."""
+    """What one source gave: records, refused labels with reasons, batches it read, and
+    decisions about images already in the data (relabel/discard, see
+    :mod:`cvops_dagster.datasets.review_decisions`; columns :data:`DECISION_COLUMNS`)."""
 
     records: list[LabelledRecord] = field(default_factory=list)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FeedbackSource(Protocol):
@@ -190,7 +194,8 @@ class Feedback:
         quarantined: refused labels with reasons (columns :data:`QUARANTINE_COLUMNS`).
         overrides: images two sources labelled differently: winner, loser and both labels.
         batches: the production batches that contributed, sorted.
-        version: content hash of the manifest's (sample, label, source) rows.
+        version: content hash of the manifest's (sample, label, source) rows and the decisions.
+        decisions: relabel/discard decisions about images in the data (:data:`DECISION_COLUMNS`).
     """
 
     manifest: pd.DataFrame
@@ -198,13 +203,19 @@ class Feedback:
     overrides: list[dict[str, Any]]
     batches: list[str]
     version: str
+    decisions: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DECISION_COLUMNS))
 
     @property
     def labelled_samples(self) -> int:
         return len(self.manifest)
 
     def sources(self) -> dict[str, int]:
-        return {str(k): int(v) for k, v in sorted(Counter(self.manifest["source"]).items())}
+        """Source -> labelled records plus decisions it gave."""
+        counts = Counter(self.manifest["source"]) + Counter(self.decisions["source"])
+        return {str(k): int(v) for k, v in sorted(counts.items())}
+
+    def decision_counts(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in sorted(Counter(self.decisions["action"]).items())}
 
     def summary(self) -> dict[str, Any]:
         """What ``cvops status --json`` shows under ``review_feedback``."""
@@ -214,6 +225,7 @@ class Feedback:
             "batches": self.batches,
             "quarantined": len(self.quarantined),
             "overrides": len(self.overrides),
+            "decisions": self.decision_counts(),
             "version": self.version,
         }
 
@@ -230,10 +242,12 @@ def collect_feedback(sources: Sequence[FeedbackSource], precedence: Sequence[str
     overrides: list[dict[str, Any]] = []
     quarantined: list[dict[str, Any]] = []
     batches: set[str] = set()
+    decisions: list[dict[str, Any]] = []
     for source in sources:
         result = source.collect()
         quarantined.extend(result.quarantined)
         batches.update(result.batches)
+        decisions.extend(result.decisions)
         for record in result.records:
             current = chosen.get(record.sample_id)
             if current is None:
@@ -253,12 +267,16 @@ def collect_feedback(sources: Sequence[FeedbackSource], precedence: Sequence[str
     digest = hashlib.sha256()
     for row in manifest[["sample_id", "label", "source"]].itertuples(index=False):
         digest.update("\0".join(map(str, row)).encode() + b"\n")
+    decided = pd.DataFrame(decisions, columns=DECISION_COLUMNS).sort_values(["sample_id", "reviewed_at"], kind="stable")
+    for row in decided[["sample_id", "action", "label", "source"]].itertuples(index=False):
+        digest.update(b"decision\0" + "\0".join(map(str, row)).encode() + b"\n")
     return Feedback(
         manifest=manifest,
         quarantined=pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS),
         overrides=overrides,
         batches=sorted(batches),
         version=digest.hexdigest()[:16],
+        decisions=decided.reset_index(drop=True),
     )
 
 
@@ -294,12 +312,33 @@ def feedback_key(version: str) -> str:
     return f"{FEEDBACK_PREFIX}/{version}.parquet"
 
 
+def decisions_key(version: str) -> str:
+    """``monitoring/feedback/<version>.decisions.parquet``: the review decisions of a version."""
+    return f"{FEEDBACK_PREFIX}/{version}.decisions.parquet"
+
+
 def write_feedback(storage: ArtifactStorage, feedback: Feedback) -> str:
-    """Write the manifest under its version (once) and return its key."""
+    """Write the manifest (and the decisions, when any) under its version, once; return the
+    manifest's key."""
     key = feedback_key(feedback.version)
+    if len(feedback.decisions) and not storage.exists(decisions_key(feedback.version)):
+        storage.write_parquet(decisions_key(feedback.version), feedback.decisions)
     if not storage.exists(key):
         storage.write_parquet(key, feedback.manifest)
     return key
+
+
+def read_review_decisions(storage: ArtifactStorage, key: str | None) -> pd.DataFrame | None:
+    """The decisions at ``key`` (``None`` when ``key`` is).
+
+    Raises:
+        FileNotFoundError: ``key`` names a file that is gone.
+    """
+    if key is None:
+        return None
+    if not storage.exists(key):
+        raise FileNotFoundError(f"review decisions {storage.uri(key)} are missing: materialize review_feedback again")
+    return storage.read_parquet(key)[DECISION_COLUMNS]
 
 
 def read_feedback_records(storage: ArtifactStorage, key: str | None) -> pd.DataFrame:

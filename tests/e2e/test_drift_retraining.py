@@ -29,6 +29,8 @@ ops:
 #: Bounded waits: a sensor ticks every 30 s; a fast retraining takes about two minutes here.
 REPORT_WAIT_S = 300
 RETRAIN_WAIT_S = 900
+#: review_sensor ticks every 30 s; then review_feedback and cleaned_dataset run.
+REVIEW_WAIT_S = 240
 
 
 def _drop_batch(landing: Path, batch_id: str) -> None:
@@ -80,6 +82,50 @@ class _Watcher:
         from sensors.retraining import retraining_state
 
         return retraining_state(self.instance, self.storage)
+
+
+def _review_in_fiftyone(watcher: _Watcher) -> tuple[str, str, str]:
+    """Relabel one test-split image and discard one labelled production image, as the App
+    writes them (``ground_truth`` + tag ``reviewed``; tag ``discard``). Returns their sample
+    ids and the new label."""
+    import os
+
+    import fiftyone as fo
+
+    from cvops_dagster.core.settings import REVIEW_PREFIX_ENV
+    from cvops_dagster.review.connection import configure, database_from_env, dataset_name
+
+    configure(database_from_env())  # the session's database, which the daemon's runs use too
+    dataset = fo.load_dataset(dataset_name(os.environ[REVIEW_PREFIX_ENV]))
+    sample = dataset.match_tags("test_split").sort_by("cvops_sample_id").first()
+    new_label = next(str(d) for d in range(10) if str(d) != sample.ground_truth.label)
+    sample["ground_truth"] = fo.Classification(label=new_label)
+    sample.tags.append("reviewed")
+    sample.save()
+    from dagster import AssetKey
+
+    from fiftyone import ViewField as F
+
+    feedback = watcher.instance.get_latest_materialization_event(AssetKey("review_feedback")).asset_materialization
+    labelled = set(watcher.storage.read_parquet(feedback.metadata["manifest_key"].value)["sample_id"])
+    production = dataset.match_tags("production").match(F("cvops_sample_id").is_in(sorted(labelled))).first()
+    production.tags.append("discard")
+    production.save()
+    return sample.cvops_sample_id, production.cvops_sample_id, new_label
+
+
+def _reviewed_dataset(tmp_path: Path, watcher: _Watcher):  # noqa: ANN202 - (figures, manifest) or None
+    """The latest cleaned_dataset's figures and manifest once a review_job made it."""
+    from dagster import AssetKey
+
+    from cvops_dagster.core.contracts import dataset_keys
+
+    event = watcher.instance.get_latest_materialization_event(AssetKey("cleaned_dataset"))
+    run = watcher.instance.get_run_by_id(event.run_id) if event is not None else None
+    if run is None or run.job_name != "review_job":
+        return None
+    figures = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return figures, watcher.storage.read_parquet(dataset_keys(figures["version"])[0])
 
 
 def _holdout_accuracy(artifacts: Path, model_id: str) -> float:
@@ -139,6 +185,12 @@ def test_drifted_batch_then_labels_retrain_once_and_the_new_champion_gains_on_dr
         _wait("the retraining run", retrained, RETRAIN_WAIT_S, watch, log)
         time.sleep(35)  # another tick of every sensor: nothing else may be requested
         status = _status(tmp_path)
+
+        # A reviewer in the FiftyOne App (its writes, through FiftyOne's API): a training image
+        # relabelled, a production image discarded. review_sensor alone takes them to the next
+        # dataset version.
+        corrected, discarded, new_label = _review_in_fiftyone(watcher)
+        review_status = _wait("a dataset version with the review", lambda: _reviewed_dataset(tmp_path, watcher), REVIEW_WAIT_S, watch, log)
     finally:
         if watcher is not None:
             watcher.instance.dispose()
@@ -151,6 +203,13 @@ def test_drifted_batch_then_labels_retrain_once_and_the_new_champion_gains_on_dr
     assert status["retraining"]["waiting"] == []
     assert status["batch_predictions"]["batches"]["prod_003"]["accuracy"] is not None  # realised accuracy of the old model
     assert status["review_feedback"]["labelled_samples"] == len(delayed_labels("prod_003"))
+    # The review reached the next dataset version: the override recorded, the discard quarantined.
+    figures, manifest = review_status
+    assert figures["review_overrides"] >= 1 and figures["review_discards"] >= 1, figures
+    relabelled = manifest[manifest["sample_id"] == corrected]
+    assert len(relabelled) >= 1 and set(relabelled["label"].astype(str)) == {new_label}
+    gone = manifest[manifest["sample_id"] == discarded]
+    assert len(gone) >= 1 and set(gone["reason"]) == {"review_discard"}
     second = status["onnx_runtime"]["model_id"]
     assert second != first
     before, after = _holdout_accuracy(tmp_path / "artifacts", first), _holdout_accuracy(tmp_path / "artifacts", second)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cvops_dagster.core.settings import REVIEW_PREFIX_ENV  # kept: each test has its own review dataset (tests/conftest.py)
+
 from tests.test_cli import cvops
 
 pytestmark = pytest.mark.slow
@@ -26,7 +28,7 @@ SMALL = (
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME")) or k == REVIEW_PREFIX_ENV}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

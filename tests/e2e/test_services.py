@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cvops_dagster.core.settings import REVIEW_PREFIX_ENV  # kept: each test has its own review dataset (tests/conftest.py)
+
 from tests.e2e.browser import free_port
 from tests.test_cli import cvops
 
@@ -26,7 +28,7 @@ REPOSITORY_LABEL = "__repository__@cvops_dagster.definitions"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME")) or k == REVIEW_PREFIX_ENV}
     env.update(
         PYTHONUNBUFFERED="1",
         DAGSTER_HOME=str(tmp_path / ".dagster_home"),

@@ -1,8 +1,9 @@
 """The Dagster UI after `cvops demo`, in a real browser: what a user sees.
 
-A small but real project (the bundled digits and production stream, a two-trial search of one
-epoch each, two training epochs) is run with `cvops demo` (first champion, production batches,
-drift reports, delayed labels, one drift retraining); then `dagster-webserver` serves that
+The session's demo project (tests/conftest.py ``demo_project``: `cvops demo` on the bundled
+digits and production stream with the default budget: first champion, production batches,
+drift reports, the FiftyOne review dataset, delayed labels, one drift retraining; the same
+project the demo test checks) is served by `dagster-webserver` with its
 instance and this repository's code location, and Chromium (driven by Playwright) visits the
 tour's pages. Each page is saved as a screenshot in ``docs/ui-tour/`` (the README's "Tour of
 the UI"), and what the issue promises is checked through the page text:
@@ -31,6 +32,8 @@ from typing import Any
 
 import pytest
 
+from cvops_dagster.core.settings import REVIEW_PREFIX_ENV  # kept: each test has its own review dataset (tests/conftest.py)
+
 from tests.e2e.browser import REQUIRE_BROWSER_ENV, chromium_page, dagster_webserver, missing_browser_reason
 from tests.test_cli import cvops
 
@@ -42,13 +45,8 @@ TOUR = Path(__file__).resolve().parents[2] / "docs" / "ui-tour"
 LOCATION = "cvops_dagster.definitions"
 ASSETS = (
     "raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime",
-    "batch_predictions", "drift_report", "review_feedback",
+    "batch_predictions", "drift_report", "edge_case_review", "review_feedback",
 )  # fmt: skip
-SMALL = (
-    "ops:\n"
-    "  hpo_study: {config: {n_trials: 2, max_epochs: 1}}\n"
-    "  trained_model: {config: {max_epochs: 2, patience: 2, accuracy_floor: 0.5}}\n"
-)
 #: Text Dagster's UI shows when something broke: an error boundary ("Sorry, <region> can't be
 #: displayed."), a GraphQL or Python error, a code location that failed to load.
 ERROR_TEXTS = re.compile(
@@ -80,6 +78,7 @@ SHOTS = (
     "14-drift-report-plot.png",
     "15-drift-check-warning.png",
     "16-retraining-run.png",
+    "17-edge-case-review.png",
 )
 
 
@@ -196,25 +195,8 @@ def raw_json_keys(rows: dict[str, str]) -> list[str]:
     return bad
 
 
-def _project(tmp_path: Path) -> dict[str, str]:
-    """A small `cvops demo` in ``tmp_path``; returns the environment it used."""
-    env = {
-        "CVOPS_LANDING": str(tmp_path / "landing"),
-        "CVOPS_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "DAGSTER_DISABLE_TELEMETRY": "1",
-        "FIFTYONE_DO_NOT_TRACK": "true",
-        "GX_ANALYTICS_ENABLED": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
-    config = tmp_path / "small.yaml"
-    config.write_text(SMALL)
-    cvops("demo", "--config", str(config), cwd=tmp_path, env=env)
-    return env
-
-
 @pytest.mark.timeout(900)
-def test_ui_tour(tmp_path: Path) -> None:
+def test_ui_tour(tmp_path: Path, demo_project) -> None:  # noqa: ANN001 - tests.conftest.DemoProject
     reason = missing_browser_reason()
     if reason:
         if os.environ.get(REQUIRE_BROWSER_ENV):
@@ -222,16 +204,16 @@ def test_ui_tour(tmp_path: Path) -> None:
         pytest.skip(reason)
 
     started = time.monotonic()
-    env = _project(tmp_path)
+    env = demo_project.env()  # `cvops demo`, run once for the session (tests/conftest.py)
     built_s = time.monotonic() - started
     TOUR.mkdir(parents=True, exist_ok=True)
     for name in SHOTS:  # a screenshot this run cannot take must not survive from an earlier one
         (TOUR / name).unlink(missing_ok=True)
 
-    web_env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    web_env = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME")) or k == REVIEW_PREFIX_ENV}
     web_env.update(env)
     with (
-        dagster_webserver(web_env, cwd=tmp_path, log=tmp_path / "webserver.log") as base,
+        dagster_webserver(web_env, cwd=demo_project.root, log=tmp_path / "webserver.log") as base,
         chromium_page(tmp_path / "chromium-profile") as (page, page_errors),
     ):
         tour = Tour(page, base, page_errors)
@@ -352,7 +334,7 @@ def test_ui_tour(tmp_path: Path) -> None:
 
         # 12. Sensors.
         text = tour.visit("/automation", "image_batches_sensor")
-        for sensor in ("image_batches_sensor", "asset_update_sensor", "production_batches_sensor", "drift_retrain_sensor"):
+        for sensor in ("image_batches_sensor", "asset_update_sensor", "production_batches_sensor", "drift_retrain_sensor", "review_sensor"):
             tour.check(sensor in text, f"{sensor} is not listed")
         tour.shot(SHOTS[11])
 
@@ -394,6 +376,16 @@ def test_ui_tour(tmp_path: Path) -> None:
                 tour.check("prod_003" in tags, "the retraining run does not name the drifted batch")
                 tour.shot(SHOTS[15])
                 tour.close_dialog()
+
+        # 17. The FiftyOne review dataset's asset page: its views, and the edge-case preview plot.
+        text = tour.visit("/assets/edge_case_review", "Metadata")
+        rows = tour.metadata_rows()
+        for key in ("dataset", "samples", "views", "brain_runs", "app_command"):
+            tour.check(key in rows, f"edge_case_review's metadata lacks {key}")
+        key, images = tour.markdown_images("edge_case_preview")
+        if tour.check(key == "edge_case_preview", f"the edge-case preview does not render: {images}"):
+            tour.shot(SHOTS[16])
+            tour.close_dialog()
 
         tour.failures += [f"uncaught page error: {e}" for e in page_errors]
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cvops_dagster.core.settings import REVIEW_PREFIX_ENV  # kept: each test has its own review dataset (tests/conftest.py)
 from dagster import AssetKey, DagsterInstance, instance_for_test
 
 from cvops_dagster.cli import collect_status
@@ -181,7 +183,7 @@ def _cvops(*args: str, cwd: Path, env: dict[str, str]):  # noqa: ANN202
     import subprocess
     import sys
 
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME"))}
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("CVOPS_", "DAGSTER_HOME")) or k == REVIEW_PREFIX_ENV}
     full.update(env, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return subprocess.run([sys.executable, "-m", "cvops_dagster.cli", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=900)
 
