@@ -52,6 +52,8 @@ class EdgeCaseReviewConfig(Config):
     kinds={"fiftyone", "python"},
     code_version="1",
     owners=ASSET_OWNERS,
+    # One build at a time: two production runs would upsert the same samples concurrently.
+    pool="review",
     description="The FiftyOne review dataset: every predicted production image and the served model's test split "
     "(upserted by content id), Brain runs keyed by model id (uniqueness, hardness, mistakenness, similarity with near "
     "duplicates, a PCA map of the embeddings) and saved views: edge_cases, likely_mislabeled, near_duplicates and one "
@@ -84,6 +86,7 @@ def edge_case_review(
         dataset, rows, fiftyone.media(storage), model_id, [b for b, flag in drifted.items() if flag],
         BrainConfig(near_duplicate_distance=config.near_duplicate_distance, visualization_method=config.visualization_method),
         ViewConfig(edge_cases_per_criterion=config.edge_cases_per_criterion, mislabeled_top=config.mislabeled_top),
+        labels=list(predictor.labels) if predictor is not None else sorted(set(rows["predicted_label"].astype(str))),
     )  # fmt: skip
     context.log.info(
         f"review dataset {build.dataset}: {build.samples} samples ({build.upsert.added} added, {build.upsert.updated} "

@@ -234,5 +234,5 @@ def test_status_text_of_the_production_side() -> None:
 
 def test_key_figures_of_an_unknown_asset_are_its_first_plain_ones() -> None:
     figures = {"materialized_at": "t", "drift": 0.123456, "tests": {"a": 1}, "path": "/x", "n": 3, "note": "x" * 80}
-    assert key_figures("edge_case_review", figures) == [("drift", "0.1235"), ("n", "3")]
+    assert key_figures("some_future_asset", figures) == [("drift", "0.1235"), ("n", "3")]
     assert key_figures("onnx_runtime", {"model_id": "m", "int8": {"accepted": False}}) == [("model_id", "m"), ("int8 accepted", "no")]

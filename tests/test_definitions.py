@@ -17,7 +17,7 @@ def test_definitions_load() -> None:
 
 
 LIFECYCLE = {"raw_images", "cleaned_dataset", "hpo_study", "trained_model", "production_model", "onnx_runtime"}
-PRODUCTION = {"batch_predictions", "drift_report", "review_feedback"}
+PRODUCTION = {"batch_predictions", "drift_report", "edge_case_review", "review_feedback"}
 
 
 def test_expected_assets_checks_and_sensors() -> None:
@@ -43,10 +43,11 @@ def test_expected_assets_checks_and_sensors() -> None:
     for name in PRODUCTION:
         assert graph.get(AssetKey(name)).automation_condition is None, name
     assert graph.get(AssetKey("trained_model")).pools == {"training"}
+    assert graph.get(AssetKey("edge_case_review")).pools == {"review"}
     assert all(name.startswith("check_") for name in check_names)
-    for sensor in ("asset_update_sensor", "image_batches_sensor", "production_batches_sensor", "drift_retrain_sensor"):
+    for sensor in ("asset_update_sensor", "image_batches_sensor", "production_batches_sensor", "drift_retrain_sensor", "review_sensor"):
         assert defs.resolve_sensor_def(sensor).default_status.value == "RUNNING", sensor
-    for job in ("ingest_job", "lifecycle_job", "production_job", "rollback_job"):
+    for job in ("ingest_job", "lifecycle_job", "production_job", "review_job", "rollback_job"):
         assert defs.resolve_job_def(job) is not None
     assert graph.get(AssetKey("raw_images")).partitions_def.name == "image_batches"
     for name in ("batch_predictions", "drift_report"):
@@ -54,6 +55,9 @@ def test_expected_assets_checks_and_sensors() -> None:
     # A retraining run (lifecycle_job) never touches the production side or the raw batches.
     lifecycle = defs.resolve_job_def("lifecycle_job").asset_layer.executable_asset_keys
     assert {k.to_user_string() for k in lifecycle} == LIFECYCLE - {"raw_images"}
+    # A review in the App refreshes the feedback and (new_data policy, the default) the dataset.
+    review = defs.resolve_job_def("review_job").asset_layer.executable_asset_keys
+    assert {k.to_user_string() for k in review} == {"review_feedback", "cleaned_dataset"}
 
 
 def test_the_drift_check_warns_instead_of_failing() -> None:

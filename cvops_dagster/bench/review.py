@@ -125,7 +125,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _simulated_outputs(truth: np.ndarray, rng: np.random.Generator, centres: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def _simulated_outputs(
+    truth: np.ndarray, rng: np.random.Generator, centres: np.ndarray, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (float32) and embeddings of a simulated model for images of class ``truth``."""
     logits = rng.normal(0.0, 1.0, size=(len(truth), len(LABELS)))
     logits[np.arange(len(truth)), truth] += margin
@@ -294,7 +296,7 @@ def _schema_differences(review: fo.Dataset, plain: fo.Dataset) -> dict[str, list
 
 # Over ~80 lines: the docstring names every reported figure, and the timed sections stay in
 # one function so the side-by-side measurements visibly share their rows, files and database.
-def bench_review(*, images: int = 5000, repeats: int = 2, batches: int = 10, seed: int = 0, keep_dataset: bool = False) -> dict[str, Any]:
+def bench_review(*, images: int = 5000, repeats: int = 3, batches: int = 10, seed: int = 0) -> dict[str, Any]:
     """Time ``upsert_rows`` (build and update) against FiftyOne's ``add_samples``, then the Brain runs.
 
     Args:
@@ -302,8 +304,6 @@ def bench_review(*, images: int = 5000, repeats: int = 2, batches: int = 10, see
         repeats: timed passes of each side (alternating which goes first); the best is kept.
         batches: production batches the images are dealt into.
         seed: seeds the images, the simulated predictions and the delayed labels.
-        keep_dataset: leave the final review dataset in the database (its name is
-            ``review_dataset``); otherwise every dataset the bench made is deleted.
 
     Returns:
         ``review_build_seconds``, ``review_update_seconds``, ``add_samples_seconds`` (with
@@ -311,7 +311,8 @@ def bench_review(*, images: int = 5000, repeats: int = 2, batches: int = 10, see
         ``update_vs_add_samples_ratio``, every pass's seconds (``all_...``), what the upserts did
         (``build_added``, ``update_updated``, ...), the sample and distinct-key counts after each
         pass, whether the update holds the new predictions (``update_applied``) and whether both
-        sides stored the same document (``same_documents``), ``brain_seconds`` with
+        sides stored the same document (``same_documents``; ``schema_differences``: the fields
+        the review declares that ``add_samples`` leaves out, such as an all-null one), ``brain_seconds`` with
         ``brain_run_seconds`` per run, ``views_seconds``, the view sizes, ``rows_seconds`` and
         ``media_seconds``, the database, the cores, the load average around the run.
     """
@@ -338,65 +339,66 @@ def bench_review(*, images: int = 5000, repeats: int = 2, batches: int = 10, see
 
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cvops-bench-review-") as tmp:
-        data = generate_rows(Path(tmp), images, batches=batches, seed=seed)
-        rows, changed, filepaths = data["rows"], data["changed"], data["filepaths"]
-        columns = _columns(rows, filepaths)
-        # Connect (and start mongod), load the code both sides run: untimed, a few rows each.
-        warm = min(16, images)
-        add_samples_baseline(fresh("warmup", 0), {k: v[:warm] for k, v in columns.items()})
-        upsert_rows(fresh("warmup", 1), rows.iloc[:warm], filepaths[:warm])
+        try:
+            data = generate_rows(Path(tmp), images, batches=batches, seed=seed)
+            rows, changed, filepaths = data["rows"], data["changed"], data["filepaths"]
+            columns = _columns(rows, filepaths)
+            # Connect (and start mongod), load the code both sides run: untimed, a few rows each.
+            warm = min(16, images)
+            add_samples_baseline(fresh("warmup", 0), {k: v[:warm] for k, v in columns.items()})
+            upsert_rows(fresh("warmup", 1), rows.iloc[:warm], filepaths[:warm])
 
-        baseline: list[tuple[float, float]] = []
-        builds: list[float] = []
-        updates: list[float] = []
-        counts: list[tuple[int, int, int, int]] = []
-        reviewed: fo.Dataset | None = None
-        same_documents = None
-        schema_differences: dict[str, list[str | None]] = {}
-        for r in range(repeats):
-            sides = ("add_samples", "review") if r % 2 == 0 else ("review", "add_samples")
-            for side in sides:
-                if side == "add_samples":
-                    plain = fresh("add_samples", r)
-                    baseline.append(add_samples_baseline(plain, columns))
-                    if same_documents is None:
-                        mine = fresh("check", r)
-                        upsert_rows(mine, rows.iloc[:1], filepaths[:1])
-                        same_documents = _comparable(mine.first()) == _comparable(plain.first())
-                        schema_differences = _schema_differences(mine, plain)
-                        mine.delete()
-                    plain.delete()
-                    continue
-                if reviewed is not None:
-                    reviewed.delete()
-                reviewed = fresh("review", r)
-                began = time.perf_counter()
-                built = upsert_rows(reviewed, rows, filepaths)
-                builds.append(time.perf_counter() - began)
-                after_build = len(reviewed)
-                began = time.perf_counter()
-                updated = upsert_rows(reviewed, changed, filepaths)
-                updates.append(time.perf_counter() - began)
-                counts.append((after_build, len(reviewed), len(reviewed.distinct(KEY_FIELD)), built.added))
-        assert reviewed is not None
-        model_ids, labels = reviewed.values(["model_id", "prediction.label"])
-        by_key = dict(zip(reviewed.values(KEY_FIELD), labels, strict=True))
-        update_applied = set(model_ids) == {MODEL_V2} and all(
-            by_key.get(k) == v for k, v in zip(changed["key"], changed["predicted_label"], strict=True)
-        )
+            baseline: list[tuple[float, float]] = []
+            builds: list[float] = []
+            updates: list[float] = []
+            counts: list[tuple[int, int, int, int]] = []
+            reviewed: fo.Dataset | None = None
+            same_documents = None
+            schema_differences: dict[str, list[str | None]] = {}
+            for r in range(repeats):
+                sides = ("add_samples", "review") if r % 2 == 0 else ("review", "add_samples")
+                for side in sides:
+                    if side == "add_samples":
+                        plain = fresh("add_samples", r)
+                        baseline.append(add_samples_baseline(plain, columns))
+                        if same_documents is None:
+                            mine = fresh("check", r)
+                            upsert_rows(mine, rows.iloc[:1], filepaths[:1])
+                            same_documents = _comparable(mine.first()) == _comparable(plain.first())
+                            schema_differences = _schema_differences(mine, plain)
+                            mine.delete()
+                        plain.delete()
+                        continue
+                    if reviewed is not None:
+                        reviewed.delete()
+                    reviewed = fresh("review", r)
+                    began = time.perf_counter()
+                    built = upsert_rows(reviewed, rows, filepaths)
+                    builds.append(time.perf_counter() - began)
+                    after_build = len(reviewed)
+                    began = time.perf_counter()
+                    updated = upsert_rows(reviewed, changed, filepaths)
+                    updates.append(time.perf_counter() - began)
+                    counts.append((after_build, len(reviewed), len(reviewed.distinct(KEY_FIELD)), built.added))
+            assert reviewed is not None
+            model_ids, labels = reviewed.values(["model_id", "prediction.label"])
+            by_key = dict(zip(reviewed.values(KEY_FIELD), labels, strict=True))
+            update_applied = set(model_ids) == {MODEL_V2} and all(
+                by_key.get(k) == v for k, v in zip(changed["key"], changed["predicted_label"], strict=True)
+            )
 
-        brain_started = time.perf_counter()
-        brain = run_brain(reviewed, MODEL_V2, BrainConfig())
-        brain_seconds = time.perf_counter() - brain_started
-        views_started = time.perf_counter()
-        criteria = mark_edge_cases(reviewed, brain.keys, ViewConfig())
-        view_counts = save_views(reviewed, brain.keys, data["drifted"], ViewConfig())
-        views_seconds = time.perf_counter() - views_started
-        figures["review_dataset"] = reviewed.name if keep_dataset else None
-        figures["mongod_dbpath"] = _mongod_dbpath()
-        for name in created:
-            if fo.dataset_exists(name) and not (keep_dataset and name == reviewed.name):
-                fo.load_dataset(name).delete()
+            brain_started = time.perf_counter()
+            brain = run_brain(reviewed, MODEL_V2, BrainConfig())
+            brain_seconds = time.perf_counter() - brain_started
+            views_started = time.perf_counter()
+            criteria = mark_edge_cases(reviewed, brain.keys, ViewConfig())
+            view_counts = save_views(reviewed, brain.keys, data["drifted"], ViewConfig())
+            views_seconds = time.perf_counter() - views_started
+            figures["mongod_dbpath"] = _mongod_dbpath()
+        finally:
+            for name in created:
+                if fo.dataset_exists(name):
+                    fo.load_dataset(name).delete()
 
     plain_seconds, plain_call = min(baseline)
     build_s, update_s = min(builds), min(updates)

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "database unless one is in use, and deletes them); runtime: the production runtime under the artifact root",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
-    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring and review: the same (default 2)")
+    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring: the same (default 2); review: the same (default 3)")
     p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
     p.add_argument("--sets", type=lambda v: tuple(v.split(",")), help="cleaning: some of sample,tenx,large,incremental")
     p.add_argument("--digits", type=int, help="cleaning: digits in the sample and tenx sets (default all 1,797)")

@@ -140,8 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.name == "review":
         from cvops_dagster.bench.review import bench_review
 
-        if not args.verbose:  # FiftyOne Brain logs each run's progress at INFO
-            logging.getLogger("fiftyone").setLevel(logging.WARNING)
+        if not args.verbose:  # FiftyOne logs each Brain run at INFO, on stdout: set before it is imported
+            os.environ.setdefault("FIFTYONE_LOGGING_LEVEL", "WARNING")
         given = {"images": args.images, "repeats": args.repeats}
         figures = bench_review(**{k: v for k, v in given.items() if v is not None})
     else:

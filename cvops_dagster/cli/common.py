@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from cvops_dagster.core import settings
@@ -41,6 +42,10 @@ def apply_overrides(args: argparse.Namespace) -> settings.Roots:
     os.environ[settings.DAGSTER_HOME_ENV] = str(roots.dagster_home)
     if optuna := os.environ.get(settings.OPTUNA_STORAGE_ENV):
         os.environ[settings.OPTUNA_STORAGE_ENV] = settings.absolute_optuna_storage(optuna)
+    # The FiftyOne App's local media folder (and the bundled mongod's), absolute as the roots are.
+    os.environ[settings.REVIEW_MEDIA_ENV] = str(Path(settings.review_media_root()).expanduser().resolve())
+    if fiftyone_dir := os.environ.get(settings.FIFTYONE_DIR_ENV):
+        os.environ[settings.FIFTYONE_DIR_ENV] = str(Path(fiftyone_dir).expanduser().resolve())
     return roots
 
 

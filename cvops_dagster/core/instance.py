@@ -20,7 +20,9 @@ from cvops_dagster.core import settings
 #: newsletter prompt off, run monitoring on so crashed run workers are marked failed and the
 #: pool slots of finished (or failed-by-monitoring) runs are freed, crashed run workers retried
 #: once (a failed step is not: it would fail the same way), and pools limited to one slot by
-#: default: `training` is the only pool, so at most one training step runs at a time.
+#: default: at most one training step (pool `training`) and one build of the FiftyOne review
+#: dataset (pool `review`: two production runs would otherwise upsert the same samples at once)
+#: run at a time.
 DAGSTER_YAML = """\
 # Written by cvops: the project-local Dagster instance (SQLite storage under this folder).
 telemetry:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from cvops_dagster.review.brain import BrainConfig, BrainResult, run_brain
-from cvops_dagster.review.dataset import UpsertResult, upsert_rows
+from cvops_dagster.review.dataset import UpsertResult, set_review_label_schema, upsert_rows
 from cvops_dagster.review.media import MediaCache
 from cvops_dagster.review.samples import ROW_COLUMNS, production_rows, test_split_rows
 from cvops_dagster.review.views import ViewConfig, edge_case_preview, mark_edge_cases, save_views
@@ -83,14 +83,17 @@ def build_review(
     drifted_batches: Sequence[str],
     brain: BrainConfig = BrainConfig(),
     views: ViewConfig = ViewConfig(),
+    labels: Sequence[str] = (),
 ) -> ReviewBuild:
-    """Write ``rows`` into ``dataset`` and refresh its Brain runs, edge cases and views."""
+    """Write ``rows`` into ``dataset`` and refresh its Brain runs, edge cases and views;
+    with the served model's ``labels``, ``ground_truth`` becomes editable in the App."""
     seconds: dict[str, float] = {}
     mark = time.perf_counter()
     filepaths = media.paths(rows["image_key"].astype(str).tolist())
     seconds["media"] = time.perf_counter() - mark
     mark = time.perf_counter()
     upsert = upsert_rows(dataset, rows, filepaths)
+    set_review_label_schema(dataset, list(labels))
     seconds["upsert"] = time.perf_counter() - mark
     mark = time.perf_counter()
     brain_result = run_brain(dataset, model_id, brain)

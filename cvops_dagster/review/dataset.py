@@ -60,8 +60,11 @@ def upsert_rows(dataset: fo.Dataset, rows: pd.DataFrame, filepaths: list[str]) -
     if rows["key"].duplicated().any():
         raise ValueError("review rows repeat a key")
     _ensure_fields(dataset)
-    existing_keys, existing_tags = dataset.values([KEY_FIELD, "tags"]) if len(dataset) else ([], [])
+    plain = ["filepath", *PLAIN_FIELDS]
+    columns = dataset.values([KEY_FIELD, "tags", *plain]) if len(dataset) else [[] for _ in range(2 + len(plain))]
+    existing_keys, existing_tags = columns[0], columns[1]
     known = {k: set(t or ()) for k, t in zip(existing_keys, existing_tags, strict=True) if k is not None}
+    stored = {name: dict(zip(existing_keys, values, strict=True)) for name, values in zip(plain, columns[2:], strict=True)}
     is_new = ~rows["key"].isin(list(known)).to_numpy()
     rows = rows.assign(filepath=filepaths, cvops_sample_id=rows["sample_id"])
 
@@ -72,12 +75,15 @@ def upsert_rows(dataset: fo.Dataset, rows: pd.DataFrame, filepaths: list[str]) -
     old = rows[~is_new]
     if len(old):
         keys = old["key"].tolist()
+
         def by_key(values: list[Any]) -> dict[str, Any]:
             return dict(zip(keys, values, strict=True))
 
-        dataset.set_values("filepath", by_key(old["filepath"].tolist()), key_field=KEY_FIELD)
-        for name in PLAIN_FIELDS:
-            dataset.set_values(name, by_key([_plain(v) for v in old[name].tolist()]), key_field=KEY_FIELD)
+        # Plain fields: only the values that changed (a routine rebuild changes few).
+        for name in plain:
+            changed = {k: v for k, v in zip(keys, (_plain(v) for v in old[name].tolist()), strict=True) if stored[name].get(k) != v}
+            if changed:
+                dataset.set_values(name, changed, key_field=KEY_FIELD)
         dataset.set_values("embedding", by_key([np.asarray(v, dtype=np.float32) for v in old["embedding"]]), key_field=KEY_FIELD)
         dataset.set_values(
             "prediction", by_key([_prediction(fo, r) for r in old.to_dict(orient="records")]), key_field=KEY_FIELD
@@ -169,3 +175,21 @@ def _plain(value: Any) -> Any:  # noqa: ANN401
     except (TypeError, ValueError):
         pass
     return value
+
+
+def set_review_label_schema(dataset: fo.Dataset, labels: list[str]) -> bool:
+    """Make ``ground_truth`` editable in the App's annotation panel (FiftyOne's label schemas):
+    a classification with a dropdown of the served model's ``labels``, activated. Returns
+    whether it was set (an App convenience: a FiftyOne that refuses it is logged, never fatal)."""
+    if not labels:
+        return False
+    try:
+        schema = dataset.generate_label_schemas(fields="ground_truth", scan_samples=False)
+        schema.update(classes=[str(label) for label in labels], component="dropdown")
+        dataset.set_label_schemas({**(dataset.label_schemas or {}), "ground_truth": schema})
+        if "ground_truth" not in (dataset.active_label_schemas or []):
+            dataset.activate_label_schemas("ground_truth")
+        return True
+    except Exception as exc:  # noqa: BLE001 - reviewers can still edit through the SDK
+        logger.warning("review: no annotation schema for ground_truth (%s: %s)", type(exc).__name__, exc)
+        return False

@@ -55,6 +55,13 @@ def test_seed_run_status_predict_on_s3(tmp_path: Path, endpoint: str) -> None:
     labelled = sum(len(delayed_labels(b)) for b in predictions)
     assert status["review_feedback"]["labelled_samples"] == labelled
 
+    # The review dataset on an S3 artifact root: FiftyOne reads the local media cache.
+    review = status["edge_case_review"]
+    assert 500 <= review["production_samples"] <= 510 and review["test_split_samples"] > 0
+    assert review["samples"] == review["production_samples"] + review["test_split_samples"]
+    assert review["views"]["edge_cases"] > 0 and review["views"]["drift_prod_003"] > 0
+    media = [p for p in (tmp_path / ".cvops-media").rglob("*") if p.is_file()]
+    assert len(media) == review["samples"] and review["media_folder"] == str((tmp_path / ".cvops-media").resolve())
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="cvops") for o in page.get("Contents", [])]
     assert any(k.startswith("artifacts/runtimes/") and k.endswith(".onnx") for k in keys)

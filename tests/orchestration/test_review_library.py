@@ -117,7 +117,10 @@ def test_upsert_is_idempotent_and_keeps_reviews(dataset, tmp_path: Path) -> None
 def test_brain_runs_and_views_find_the_planted_cases(dataset, tmp_path: Path) -> None:  # noqa: ANN001
     rows, planted = _rows(tmp_path)
     media = MediaCache(ArtifactStorage(str(tmp_path)), tmp_path / "media")
-    build = build_review(dataset, rows, media, MODEL, ["b1"], views=ViewConfig(edge_cases_per_criterion=5, mislabeled_top=20))
+    labels = [str(c) for c in range(CLASSES)]
+    build = build_review(dataset, rows, media, MODEL, ["b1"], views=ViewConfig(edge_cases_per_criterion=5, mislabeled_top=20), labels=labels)
+    # ground_truth is editable in the App's annotation panel, with the model's classes.
+    assert dataset.active_label_schemas == ["ground_truth"] and dataset.label_schemas["ground_truth"]["classes"] == labels
     assert sorted(dataset.list_brain_runs()) == sorted(brain_keys(MODEL).values()) == sorted(build.brain.keys.values())
     assert build.brain.skipped == {}
     assert all(len(dataset.load_saved_view(name)) == count for name, count in build.views.items())
