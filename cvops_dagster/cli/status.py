@@ -261,8 +261,9 @@ def _raw_images_status(instance: Any, key: Any, records_filter: Any) -> dict[str
     }
 
 
-#: Inputs an asset builds without (cleaned_dataset includes review feedback once there is some).
-OPTIONAL_PARENTS: dict[str, tuple[str, ...]] = {"cleaned_dataset": ("review_feedback",)}
+#: Inputs an asset builds without (cleaned_dataset includes review feedback once there is some;
+#: review_feedback reads the FiftyOne review once edge_case_review has built it).
+OPTIONAL_PARENTS: dict[str, tuple[str, ...]] = {"cleaned_dataset": ("review_feedback",), "review_feedback": ("edge_case_review",)}
 #: What a never-materialized production asset waits for: production data, not a user's action.
 PRODUCTION_NOTES = {
     "batch_predictions": "no production batch yet: put one in <landing>/production/<batch_id>/ (images, then _READY); "

@@ -24,13 +24,14 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from cvops_dagster.core.contracts import dataset_keys
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.monitoring.drift import DriftConfig, DriftReference, DriftSample, build_reference
 from cvops_dagster.monitoring.predictions import NUMERIC_FEATURES
-from cvops_dagster.serving.predictor import Predictor
+from cvops_dagster.serving.predictor import Predictions, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -75,26 +76,37 @@ class CachedReference:
     dataset_version: str
 
 
+def predict_splits(
+    storage: ArtifactStorage, dataset_version: str, predictor: Predictor, splits: tuple[str, ...], purpose: str
+) -> tuple[pd.DataFrame, Predictions]:
+    """The clean samples of ``splits`` of ``dataset_version`` (manifest rows, by sample id) and
+    ``predictor``'s outputs on their canonical images.
+
+    Raises:
+        FileNotFoundError: the dataset version is gone (``purpose`` says who needed it).
+    """
+    manifest_key, _ = dataset_keys(dataset_version)
+    if not storage.exists(manifest_key):
+        raise FileNotFoundError(f"{purpose} needs dataset {dataset_version!r}, but {storage.uri(manifest_key)} is missing")
+    frame = storage.read_parquet(manifest_key)
+    rows = frame[(frame["outcome"] == "clean") & frame["split"].isin(splits)].sort_values("sample_id")
+    images = []
+    for data in storage.read_many([str(key) for key in rows["image_key"]]):
+        image = Image.open(io.BytesIO(data))  # canonical PNGs this system wrote itself
+        image.load()
+        images.append(image)
+    return rows, predictor.predict(images, batch_size=64)
+
+
 def reference_sample(storage: ArtifactStorage, dataset_version: str, predictor: Predictor) -> DriftSample:
     """The held-out splits of ``dataset_version`` run through ``predictor``.
 
     Raises:
         FileNotFoundError: the dataset version is gone from the artifact store.
     """
-    manifest_key, _ = dataset_keys(dataset_version)
-    if not storage.exists(manifest_key):
-        raise FileNotFoundError(
-            f"the drift reference needs dataset {dataset_version!r} (the served model's training data), "
-            f"but {storage.uri(manifest_key)} is missing"
-        )
-    frame = storage.read_parquet(manifest_key)
-    rows = frame[(frame["outcome"] == "clean") & frame["split"].isin(REFERENCE_SPLITS)].sort_values("sample_id")
-    images = []
-    for data in storage.read_many([str(key) for key in rows["image_key"]]):
-        image = Image.open(io.BytesIO(data))  # canonical PNGs this system wrote itself
-        image.load()
-        images.append(image)
-    outputs = predictor.predict(images, batch_size=64)
+    rows, outputs = predict_splits(
+        storage, dataset_version, predictor, tuple(REFERENCE_SPLITS), "the drift reference (the served model's training data)"
+    )
     features = {name: rows[name].astype("float64").to_numpy() for name in NUMERIC_FEATURES if name in rows}
     return DriftSample(features, outputs.embeddings, outputs.class_indices, outputs.confidences.astype(np.float64))
 

@@ -12,17 +12,15 @@ sha256 of the image's bytes), so re-building updates the same samples instead of
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from cvops_dagster.core.contracts import dataset_keys
 from cvops_dagster.core.storage import ArtifactStorage
 from cvops_dagster.monitoring.predictions import NUMERIC_FEATURES, STATUS_PREDICTED, read_predictions
+from cvops_dagster.monitoring.reference import predict_splits
 from cvops_dagster.serving.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -103,17 +101,7 @@ def test_split_rows(storage: ArtifactStorage, predictor: Predictor) -> pd.DataFr
             return _from_cache(storage.read_parquet(cache))
         except (KeyError, ValueError, OSError) as exc:  # a damaged cache entry is rebuilt
             logger.warning("review: cached test-split predictions %s unreadable (%s); rebuilding", cache, exc)
-    manifest_key, _ = dataset_keys(version)
-    if not storage.exists(manifest_key):
-        raise FileNotFoundError(f"the review dataset's test split needs dataset {version!r}, but {storage.uri(manifest_key)} is missing")
-    manifest = storage.read_parquet(manifest_key)
-    test = manifest[(manifest["outcome"] == "clean") & (manifest["split"] == TEST_SPLIT)].sort_values("sample_id")
-    images = []
-    for data in storage.read_many([str(k) for k in test["image_key"]]):
-        image = Image.open(io.BytesIO(data))  # canonical PNGs this system wrote itself
-        image.load()
-        images.append(image)
-    outputs = predictor.predict(images, batch_size=64)
+    test, outputs = predict_splits(storage, version, predictor, (TEST_SPLIT,), "the review dataset's test split")
     rows = pd.DataFrame({
         "key": [f"{GROUP_TEST}:{s}" for s in test["sample_id"]],
         "group": GROUP_TEST,
