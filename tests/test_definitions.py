@@ -55,6 +55,11 @@ def test_expected_assets_checks_and_sensors() -> None:
     # A retraining run (lifecycle_job) never touches the production side or the raw batches.
     lifecycle = defs.resolve_job_def("lifecycle_job").asset_layer.executable_asset_keys
     assert {k.to_user_string() for k in lifecycle} == LIFECYCLE - {"raw_images"}
+    # `cvops run` splits the graph the same way the jobs do.
+    from cvops_dagster.cli.runs import PRODUCTION_ASSETS
+
+    production = defs.resolve_job_def("production_job").asset_layer.executable_asset_keys
+    assert {k.to_user_string() for k in production} == set(PRODUCTION_ASSETS) == PRODUCTION
     # A review in the App refreshes the feedback and (new_data policy, the default) the dataset.
     review = defs.resolve_job_def("review_job").asset_layer.executable_asset_keys
     assert {k.to_user_string() for k in review} == {"review_feedback", "cleaned_dataset"}

@@ -235,8 +235,9 @@ def run_lifecycle(
     return summary
 
 
-#: The production side's assets: one production_job run per complete production batch.
-PRODUCTION_ASSETS = ("batch_predictions", "drift_report", "review_feedback")
+#: The production side's assets: one production_job run per complete production batch (the
+#: same as production_job's selection in definitions.py; a test holds them equal).
+PRODUCTION_ASSETS = ("batch_predictions", "drift_report", "edge_case_review", "review_feedback")
 
 
 def run_production_batches(
