@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 export DAGSTER_DISABLE_TELEMETRY := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install browser demo test test-fast ui clean
+.PHONY: install system-deps demo test test-fast ui clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,21 +29,26 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/cvops demo
 
-# The browser tests (the Dagster UI tour, the FiftyOne App) drive Debian's Chromium with
-# Playwright (Playwright's own browser download needs the network). Installed here when missing
-# and possible (root, or passwordless sudo); otherwise those tests skip and say why.
-browser:
-	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+# System packages some tests use, installed when missing and possible (root, or passwordless
+# sudo); otherwise those tests skip and say why:
+# - chromium: the browser tests (the Dagster UI tour, the FiftyOne App) drive Debian's Chromium
+#   with Playwright (Playwright's own browser download needs the network);
+# - postgresql: the scale-out instance test starts a real PostgreSQL server (initdb + pg_ctl).
+SYSTEM_PACKAGES := $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+
+system-deps:
+	@pkgs="$(strip $(SYSTEM_PACKAGES))"; \
+	if [ -n "$$pkgs" ] && command -v apt-get >/dev/null 2>&1; then \
 		sudo=""; \
 		if [ "$$(id -u)" -ne 0 ]; then \
-			if sudo -n true 2>/dev/null; then sudo="sudo -n"; else echo "note: chromium missing and no root: the browser tests will skip"; exit 0; fi; \
+			if sudo -n true 2>/dev/null; then sudo="sudo -n"; else echo "note: $$pkgs missing and no root: the tests needing them will skip"; exit 0; fi; \
 		fi; \
-		echo "installing chromium for the browser tests (apt-get)"; \
-		{ $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/tmp/cvops-chromium.log 2>&1 \
-			|| echo "warning: could not install chromium (see /tmp/cvops-chromium.log): the browser tests will skip"; \
+		echo "installing $$pkgs for the tests (apt-get)"; \
+		{ $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs; } >/tmp/cvops-system-deps.log 2>&1 \
+			|| echo "warning: could not install $$pkgs (see /tmp/cvops-system-deps.log): the tests needing them will skip"; \
 	fi
 
-test: install browser
+test: install system-deps
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-fast: install

@@ -31,6 +31,7 @@ import assets.training  # noqa: E402
 from assets.partitions import image_batches  # noqa: E402
 from cvops_dagster.core.settings import retrain_triggers  # noqa: E402
 from resources.catalog import git_source_from_env  # noqa: E402
+from resources.deployment import step_executor  # noqa: E402
 from resources.review import fiftyone_from_env  # noqa: E402
 from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
 from resources.tuning import optuna_storage_from_env  # noqa: E402
@@ -108,6 +109,7 @@ def build_definitions() -> Definitions:
         assets=assets_with_code_references(),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
         jobs=[ingest_job, lifecycle_job, production_job, review_job, rollback_job],
+        executor=step_executor(),
         sensors=[image_batches_sensor, asset_update_sensor, production_batches_sensor, drift_retrain_sensor, review_sensor],
         resources={
             "artifact_store": artifact_store_from_env(),
