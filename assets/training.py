@@ -30,6 +30,7 @@ from assets.metadata import (
     upstream,
 )
 from cvops_dagster.core.settings import params_digest, step_threads
+from resources.deployment import training_op_tags
 from resources.storage import ArtifactStore
 from resources.tuning import OptunaStorage
 
@@ -45,7 +46,15 @@ class HpoStudyConfig(Config):
     seed: int = 0
     skip: bool = Field(default=False, description="skip the search; training then uses the documented defaults")
     torch_threads: int | None = Field(
-        default=None, description="torch threads for the trials (default: the CPUs this process may use)"
+        default=None,
+        description="torch threads for the trials, shared by the workers (default: the CPUs this process may use)",
+    )
+    hpo_workers: int = Field(
+        default=1,
+        ge=1,
+        description="worker processes running trials at once on the study's storage, each with its share of "
+        "torch_threads; 1 runs in the step's process and is reproducible for a seed. Trials a crashed worker "
+        "left running are then found by heartbeat (database storages: the default SQLite file, PostgreSQL)",
     )
 
 
@@ -54,6 +63,7 @@ class HpoStudyConfig(Config):
     group_name="training",
     kinds={"optuna", "pytorch"},
     pool="training",
+    op_tags=training_op_tags(),
     code_version="1",
     owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,
@@ -81,13 +91,14 @@ def hpo_study(
         timeout=config.timeout_s,
         max_epochs=config.max_epochs,
         seed=config.seed,
-        # Embedded SQLite is one worker: trials it finds RUNNING are crash leftovers. A shared
-        # database may hold other workers' live trials: those are found stale by heartbeat.
+        # Embedded SQLite is this step's alone: with one worker, trials it finds RUNNING are crash
+        # leftovers. A shared database, or several workers, may hold live trials: heartbeats decide.
         single_worker=url is None or url.startswith("sqlite"),
         num_threads=step_threads(config.torch_threads),
+        workers=config.hpo_workers,
     )
     result = run_study(artifact_store.storage, version, study_config, url)
-    columns = [c for c in ("number", "state", "value", "epochs") if c in result.trials.columns]
+    columns = [c for c in ("number", "state", "value", "epochs", "worker") if c in result.trials.columns]
     columns += [c for c in result.trials.columns if c.startswith("params_")]
     return MaterializeResult(
         metadata=safe_metadata({
@@ -105,6 +116,8 @@ def hpo_study(
             "optimization_history": png_markdown(result.history_png, "optimization history"),
             "uri": artifact(study_storage_uri(artifact_store.storage, url)),
             "torch_threads": study_config.num_threads,
+            "hpo_workers": result.workers,
+            "trials_per_worker": json_value(result.trials_per_worker),
             "inputs": inputs,
         }),
         data_version=DataVersion(f"{result.study_name}:{params_digest(result.best_params)}"),
@@ -128,6 +141,7 @@ class TrainedModelConfig(Config):
     group_name="training",
     kinds={"pytorch", "safetensors"},
     pool="training",
+    op_tags=training_op_tags(),
     code_version="1",
     owners=ASSET_OWNERS,
     automation_condition=ON_UPSTREAM_UPDATE,

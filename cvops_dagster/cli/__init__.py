@@ -150,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_artifacts(p)
     p.add_argument(
         "name",
-        choices=["cleaning", "training", "runtime", "monitoring", "drift", "review"],
-        help="cleaning, training, monitoring, drift and review: on data generated in a temporary folder (monitoring and "
+        choices=["cleaning", "training", "runtime", "monitoring", "drift", "review", "hpo"],
+        help="cleaning, training, monitoring, drift, review and hpo: on data generated in a temporary folder (monitoring and "
         "drift train a small model on the bundled digits first; review writes FiftyOne datasets, in a temporary "
-        "database unless one is in use, and deletes them); runtime: the production runtime under the artifact root",
+        "database unless one is in use, and deletes them; hpo runs a 16-trial study with 1 and 2 workers on colour "
+        "photo patches); runtime: the production runtime under the artifact root",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
     p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring: the same (default 2); review: the same (default 3)")
@@ -169,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="runtime: without a production model, time a generated model of the default architecture",
     )
     p.add_argument("--images", type=int, help="monitoring: PNG files in the production batch; review: production images in the review dataset (default 5,000)")
-    p.add_argument("--workers", type=int, help="monitoring: decode worker processes (default: the available cores)")
+    p.add_argument("--workers", type=int, help="monitoring: decode worker processes (default: the available cores); hpo: worker processes of the parallel study (default 2)")
     p.add_argument("--batches", type=int, help="drift: resampled batches per condition and size (default 100)")
     p.add_argument(
         "--sizes", type=lambda v: tuple(int(n) for n in v.split(",")), help="drift: batch sizes, comma-separated (default 100,500)"
     )
-    p.add_argument("--threads", type=int, help="monitoring and drift: ONNX Runtime and torch threads (default: the available cores)")
+    p.add_argument("--threads", type=int, help="monitoring and drift: ONNX Runtime and torch threads; hpo: torch threads of a study, split among its workers (default: the available cores)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

@@ -144,6 +144,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             os.environ.setdefault("FIFTYONE_LOGGING_LEVEL", "WARNING")
         given = {"images": args.images, "repeats": args.repeats}
         figures = bench_review(**{k: v for k, v in given.items() if v is not None})
+    elif args.name == "hpo":
+        from cvops_dagster.bench.hpo import bench_hpo
+
+        given = {"workers": args.workers, "threads": args.threads}
+        figures = bench_hpo(**{k: v for k, v in given.items() if v is not None})
     else:
         from cvops_dagster.bench.runtime import benchmark_production_runtime
 

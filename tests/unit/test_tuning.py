@@ -1,14 +1,18 @@
-"""Hyperparameter study: pruning, persistence, resume and crash recovery."""
+"""Hyperparameter study: pruning, persistence, resume, crash recovery and several workers."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from cvops_dagster.core.storage import ArtifactStorage
+from cvops_dagster.training import tuning
 from cvops_dagster.training.tuning import StudyConfig, default_storage_url, make_pruner, open_storage, run_study
 from tests.unit.storage_kinds import RemoteLikeStorage
 from tests.unit.synthetic_datasets import DatasetCache, only_version
@@ -24,9 +28,16 @@ class PruneTrialOne(optuna.pruners.BasePruner):
         return trial.number == 1
 
 
-def config(n_trials: int, pruner: object = "none") -> StudyConfig:
+def config(n_trials: int, pruner: object = "none", workers: int = 1) -> StudyConfig:
     return StudyConfig(
-        n_trials=n_trials, max_epochs=2, num_threads=1, pruner=pruner, search_space=SPACE, fixed_params=FIXED, n_startup_trials=2
+        n_trials=n_trials,
+        max_epochs=2,
+        num_threads=workers,  # one torch thread per worker
+        pruner=pruner,
+        search_space=SPACE,
+        fixed_params=FIXED,
+        n_startup_trials=2,
+        workers=workers,
     )
 
 
@@ -163,3 +174,115 @@ def test_remote_artifact_root_keeps_the_study_in_the_store(
     monkeypatch.chdir(tmp_path / "elsewhere")
     second = run_study(store, version, config(2))
     assert first.n_complete == 1 and second.n_complete == 2 and second.n_trials_this_run == 1
+
+
+# --- several workers -------------------------------------------------------------------------
+
+
+def test_two_workers_finish_exactly_the_budget_and_both_run_trials(storage: ArtifactStorage, version: str, tmp_path: Path) -> None:
+    url = default_storage_url(tmp_path / "optuna")
+    result = run_study(storage, version, config(6, workers=2), url)
+    # Exactly the budget: MaxTrialsCallback alone would let the second worker start a 7th.
+    assert result.n_complete + result.n_pruned == 6 and result.n_failed == 0
+    assert result.n_trials_this_run == 6 and result.workers == 2
+    assert set(result.trials_per_worker) == {"0", "1"} and sum(result.trials_per_worker.values()) == 6
+    assert all(count > 0 for count in result.trials_per_worker.values()), result.trials_per_worker
+    assert result.worker_exit_codes == {"0": 0, "1": 0}
+    trials = optuna.load_study(study_name=result.study_name, storage=url).trials
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+    assert len({t.user_attrs["worker_id"] for t in trials}) == 2
+    assert sorted(result.trials["worker"]) == sorted(t.user_attrs["worker"] for t in trials)
+    # Each worker samples with its own seed: no two start-up trials drew the same point.
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    # A rerun with the budget already met runs nothing, with any number of workers.
+    again = run_study(storage, version, config(6, workers=2), url)
+    assert again.n_trials_this_run == 0 and again.trials_per_worker == {"0": 0, "1": 0}
+
+
+def test_one_worker_is_reproducible_for_a_seed(storage: ArtifactStorage, version: str, tmp_path: Path) -> None:
+    runs = [run_study(storage, version, config(3), default_storage_url(tmp_path / name)) for name in ("a", "b")]
+    studies = [optuna.load_study(study_name=r.study_name, storage=r.storage_url) for r in runs]
+    assert [t.params for t in studies[0].trials] == [t.params for t in studies[1].trials]
+    assert [t.value for t in studies[0].trials] == pytest.approx([t.value for t in studies[1].trials])
+    assert runs[0].best_params == runs[1].best_params and runs[0].trials_per_worker == {"0": 3}
+
+
+def _age_heartbeat(url: str, trial_id: int) -> None:
+    """Make a trial's last heartbeat years old, as a worker that crashed long ago leaves it."""
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        changed = db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00.000000' WHERE trial_id = ?", (trial_id,))
+        assert changed.rowcount == 1
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_several_workers_fail_a_crashed_workers_trial_by_heartbeat_only(storage: ArtifactStorage, version: str, tmp_path: Path) -> None:
+    url = default_storage_url(tmp_path / "shared")
+    other = open_storage(url, 60)
+    elsewhere = optuna.create_study(study_name=f"cvops-{version}", storage=other, direction="maximize")
+    crashed, live = elsewhere.ask(), elsewhere.ask()
+    for trial in (crashed, live):
+        other.record_heartbeat(trial._trial_id)  # what study.optimize's heartbeat thread does
+    _age_heartbeat(url, crashed._trial_id)  # its worker died long ago; the other one is beating
+    result = run_study(storage, version, config(2, workers=2), url)  # single_worker: still heartbeats
+    states = [t.state for t in optuna.load_study(study_name=f"cvops-{version}", storage=url).trials]
+    assert states[:2] == [TrialState.FAIL, TrialState.RUNNING]
+    assert result.n_failed == 1 and result.n_complete == 2
+
+
+def _worker_one_dies(job: Any, budget: Any, errors: Any) -> None:
+    """A study worker process whose worker 1 dies at once without a word (as if killed)."""
+    if job.index == 1:
+        os._exit(3)
+    tuning._study_worker(job, budget, errors)
+
+
+def _every_worker_dies(job: Any, budget: Any, errors: Any) -> None:
+    os._exit(3)
+
+
+def test_a_worker_that_dies_is_reported_and_the_others_finish_the_budget(
+    storage: ArtifactStorage, version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tuning, "_study_worker", _worker_one_dies)  # the spawned target, pickled by name
+    result = run_study(storage, version, config(3, workers=2), default_storage_url(tmp_path / "optuna"))
+    assert result.worker_exit_codes == {"0": 0, "1": 3}
+    assert result.trials_per_worker == {"0": 3, "1": 0} and result.n_complete == 3
+
+
+def test_workers_that_all_die_fail_the_study_clearly(
+    storage: ArtifactStorage, version: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tuning, "_study_worker", _every_worker_dies)
+    with pytest.raises(tuning.StudyFailed, match=r"no trial completed .*worker exit codes \{'0': 3, '1': 3\}"):
+        run_study(storage, version, config(2, workers=2), default_storage_url(tmp_path / "optuna"))
+
+
+def test_an_error_in_a_worker_fails_the_study_with_its_message(storage: ArtifactStorage, version: str, tmp_path: Path) -> None:
+    broken = config(2, workers=2)
+    broken.accelerator = "no-such-accelerator"  # Lightning refuses it inside the trial: not a trial's own failure
+    url = default_storage_url(tmp_path / "optuna")
+    with pytest.raises(tuning.WorkerFailed, match=r"(?s)worker \d of study .*no-such-accelerator"):
+        run_study(storage, version, broken, url)
+    # Nothing is left RUNNING: the failing trial was told FAIL, the stopped worker's was failed.
+    states = {t.state for t in optuna.load_study(study_name=f"cvops-{version}", storage=url).trials}
+    assert TrialState.RUNNING not in states
+
+
+def test_workers_must_be_positive(storage: ArtifactStorage, version: str) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        run_study(storage, version, config(1, workers=0))
+
+
+def test_two_workers_share_the_journal_kept_in_a_remote_store(
+    tmp_path: Path, cleaned_datasets: DatasetCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RemoteLikeStorage(str(tmp_path / "bucket"), storage_options={"auto_mkdir": True})
+    cleaned_datasets.shapes(store, n_classes=2, per_class=20, size=(12, 12))
+    version = only_version(store)
+    monkeypatch.chdir(tmp_path)
+    result = run_study(store, version, config(3, workers=2))
+    assert result.n_complete == 3 and sum(result.trials_per_worker.values()) == 3
+    # What the store holds is a whole journal: it loads, with every trial finished.
+    (tmp_path / "copy.log").write_bytes(store.read_bytes("optuna/journal.log"))
+    trials = optuna.load_study(study_name=f"cvops-{version}", storage=open_storage(str(tmp_path / "copy.log"))).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
