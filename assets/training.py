@@ -21,6 +21,7 @@ from assets.automation import ON_UPSTREAM_UPDATE
 from assets.metadata import (
     ASSET_OWNERS,
     artifact,
+    counts_table,
     figure,
     json_value,
     per_class_table,
@@ -117,7 +118,7 @@ def hpo_study(
             "uri": artifact(study_storage_uri(artifact_store.storage, url)),
             "torch_threads": study_config.num_threads,
             "hpo_workers": result.workers,
-            "trials_per_worker": json_value(result.trials_per_worker),
+            "trials_per_worker": counts_table(result.trials_per_worker, "worker", "trials", by_count=False),
             "inputs": inputs,
         }),
         data_version=DataVersion(f"{result.study_name}:{params_digest(result.best_params)}"),
