@@ -45,6 +45,7 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
+import pickle
 import shutil
 import socket
 import tempfile
@@ -542,7 +543,7 @@ class _WorkerJob:
     storage_url: str
     study_name: str
     config: StudyConfig
-    data: LoadedDataset
+    data_path: str  # the pickled LoadedDataset (see _run_workers)
     threads: int
     deadline: float | None  # time.time() after which no trial starts
     log_levels: dict[str, int]
@@ -567,7 +568,9 @@ def _study_worker(job: _WorkerJob, budget: Any, errors: Any) -> None:
             sampler=make_sampler(config, job.index),
             pruner=make_pruner(config),
         )
-        objective = _Objective(job.data, config, job.index, job.worker_id)
+        with open(job.data_path, "rb") as file:
+            data = pickle.load(file)  # written by this worker's parent a moment ago
+        objective = _Objective(data, config, job.index, job.worker_id)
         while (job.deadline is None or time.time() < job.deadline) and _finished(study) < config.n_trials:
             with budget.get_lock():
                 if budget.value <= 0:
@@ -611,49 +614,64 @@ def _run_workers(
     context = multiprocessing.get_context("spawn")
     budget = context.Value("i", remaining)
     errors = context.SimpleQueue()
-    alive: dict[int, Any] = {}
-    for index in range(count):
-        job = _WorkerJob(index, f"{run_prefix}{index}", storage_url, study.study_name, config, data, threads, deadline, levels)
-        alive[index] = context.Process(target=_study_worker, args=(job, budget, errors), name=f"cvops-hpo-{index}", daemon=True)
-    logger.info("study %s: %d worker processes, %d torch thread(s) each", study.study_name, count, threads)
-    for process in alive.values():
-        process.start()
     exit_codes: dict[int, int] = {}
     failures: list[tuple[int, str]] = []
-    finished = _finished(study)
-    try:
-        while alive and not failures:
-            multiprocessing.connection.wait([p.sentinel for p in alive.values()], timeout=_POLL_S)
-            for index, process in list(alive.items()):
-                if process.exitcode is None:
-                    continue
-                process.join()
+    with tempfile.TemporaryDirectory(prefix="cvops-hpo-") as folder:
+        # The dataset goes through a private file, not the start pipe: CPython writes a spawned
+        # process's start payload into a pipe whose read end it holds itself until the write
+        # ends, so a child dying while it starts (a failing import, a main module without the
+        # __main__ guard) would block Process.start() forever on a payload over 64 KiB.
+        data_path = str(Path(folder) / "dataset.pickle")
+        with open(data_path, "wb") as file:
+            pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL)
+        alive: dict[int, Any] = {}
+        for index in range(count):
+            job = _WorkerJob(index, f"{run_prefix}{index}", storage_url, study.study_name, config, data_path, threads, deadline, levels)
+            alive[index] = context.Process(target=_study_worker, args=(job, budget, errors), name=f"cvops-hpo-{index}", daemon=True)
+        logger.info("study %s: %d worker processes, %d torch thread(s) each", study.study_name, count, threads)
+        try:
+            for process in alive.values():
+                process.start()
+            finished = _finished(study)
+            while alive and not failures:
+                multiprocessing.connection.wait([p.sentinel for p in alive.values()], timeout=_POLL_S)
+                for index, process in list(alive.items()):
+                    if process.exitcode is None:
+                        continue
+                    process.join()
+                    exit_codes[index] = process.exitcode
+                    del alive[index]
+                    if process.exitcode != 0:
+                        lost = _fail_running_trials(study, f"{run_prefix}{index}")
+                        with budget.get_lock():
+                            budget.value += lost  # its unfinished trial: another worker runs one instead
+                        logger.warning(
+                            "study %s: worker %d exited with code %d (%d running trial failed)", study.study_name, index, process.exitcode, lost
+                        )
+                while not errors.empty():
+                    failures.append(errors.get())
+                if after_trial is not None and _finished(study) != finished:
+                    finished = _finished(study)
+                    after_trial()
+                if alive and deadline is not None and time.time() > deadline + config.worker_grace_s:
+                    logger.warning(
+                        "study %s: workers %s still running %.0f s after the timeout: stopped", study.study_name, sorted(alive), config.worker_grace_s
+                    )
+                    break
+        finally:
+            # Left running only when stopping early: a worker's error, the grace ran out, an interrupt.
+            for process in alive.values():
+                if process.pid is not None:
+                    process.terminate()
+            for index, process in alive.items():
+                if process.pid is None:
+                    continue  # never started: an interrupt or error while starting the others
+                process.join(10)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
                 exit_codes[index] = process.exitcode
-                del alive[index]
-                if process.exitcode != 0:
-                    lost = _fail_running_trials(study, f"{run_prefix}{index}")
-                    with budget.get_lock():
-                        budget.value += lost  # its unfinished trial: another worker runs one instead
-                    logger.warning("study %s: worker %d exited with code %d (%d running trial failed)", study.study_name, index, process.exitcode, lost)
-            while not errors.empty():
-                failures.append(errors.get())
-            if after_trial is not None and _finished(study) != finished:
-                finished = _finished(study)
-                after_trial()
-            if alive and deadline is not None and time.time() > deadline + config.worker_grace_s:
-                logger.warning("study %s: workers %s still running %.0f s after the timeout: stopped", study.study_name, sorted(alive), config.worker_grace_s)
-                break
-    finally:
-        # Left running only when stopping early: a worker's error, the grace ran out, an interrupt.
-        for process in alive.values():
-            process.terminate()
-        for index, process in alive.items():
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            exit_codes[index] = process.exitcode
-            _fail_running_trials(study, f"{run_prefix}{index}")
+                _fail_running_trials(study, f"{run_prefix}{index}")
     if failures:
         index, text = failures[0]
         raise WorkerFailed(f"worker {index} of study {study.study_name} failed; the other workers were stopped:\n{text}")

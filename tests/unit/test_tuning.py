@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +257,23 @@ def test_workers_that_all_die_fail_the_study_clearly(
     monkeypatch.setattr(tuning, "_study_worker", _every_worker_dies)
     with pytest.raises(tuning.StudyFailed, match=r"no trial completed .*worker exit codes \{'0': 3, '1': 3\}"):
         run_study(storage, version, config(2, workers=2), default_storage_url(tmp_path / "optuna"))
+
+
+def test_workers_that_cannot_even_start_fail_the_study_instead_of_hanging_it(
+    tmp_path: Path, cleaned_datasets: DatasetCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dataset well over a pipe's 64 KiB: were it sent in the start payload, the parent
+    # would block in Process.start() on a child that died before reading it.
+    store = ArtifactStorage(str(tmp_path / "artifacts"))
+    cleaned_datasets.shapes(store, n_classes=2, per_class=40, size=(48, 48))
+    # The workers' target lives in a module only this process has: each child dies while
+    # unpickling what it was asked to run, before any study code (as a failing import would).
+    phantom = types.ModuleType("cvops_phantom_worker_module")
+    exec("def target(job, budget, errors):\n    raise AssertionError('never runs')", phantom.__dict__)
+    monkeypatch.setitem(sys.modules, phantom.__name__, phantom)
+    monkeypatch.setattr(tuning, "_study_worker", phantom.target)
+    with pytest.raises(tuning.StudyFailed, match=r"worker exit codes \{'0': 1, '1': 1\}"):
+        run_study(store, only_version(store), config(2, workers=2), default_storage_url(tmp_path / "optuna"))
 
 
 def test_an_error_in_a_worker_fails_the_study_with_its_message(storage: ArtifactStorage, version: str, tmp_path: Path) -> None:
