@@ -33,7 +33,7 @@ from cvops_dagster.core.settings import retrain_triggers  # noqa: E402
 from resources.catalog import git_source_from_env  # noqa: E402
 from resources.deployment import step_executor  # noqa: E402
 from resources.review import fiftyone_from_env  # noqa: E402
-from resources.storage import artifact_store_from_env, image_source_from_env  # noqa: E402
+from resources.storage import artifact_store_from_env, image_source_from_env, s3_from_env  # noqa: E402
 from resources.tuning import optuna_storage_from_env  # noqa: E402
 from sensors.automation import asset_update_sensor  # noqa: E402
 from sensors.batches import image_batches_sensor  # noqa: E402
@@ -105,6 +105,9 @@ def assets_with_code_references() -> list:
 
 
 def build_definitions() -> Definitions:
+    # One S3 configuration for every Dagster-side S3 access: the resource itself (a boto3
+    # client for any asset that asks for ``s3``) and the stores that move bytes with s3fs.
+    s3 = s3_from_env()
     return Definitions(
         assets=assets_with_code_references(),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
@@ -112,8 +115,9 @@ def build_definitions() -> Definitions:
         executor=step_executor(),
         sensors=[image_batches_sensor, asset_update_sensor, production_batches_sensor, drift_retrain_sensor, review_sensor],
         resources={
-            "artifact_store": artifact_store_from_env(),
-            "image_source": image_source_from_env(),
+            "s3": s3,
+            "artifact_store": artifact_store_from_env(s3),
+            "image_source": image_source_from_env(s3),
             "optuna_storage": optuna_storage_from_env(),
             "fiftyone": fiftyone_from_env(),
         },

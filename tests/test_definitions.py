@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, Definitions
+from dagster import AssetKey, Definitions, build_resources
 
 from cvops_dagster.definitions import defs
 
@@ -119,3 +119,23 @@ def test_quieting_the_cli_for_a_cleaning_benchmark_loads_no_torch() -> None:
     quiet = "import logging; logging.basicConfig(); from cvops_dagster import cli; cli._quiet_libraries(trains={})"
     assert "torch" not in _modules_after(quiet.format(False))
     assert {"torch", "lightning", "optuna"} <= _modules_after(quiet.format(True))
+
+
+def test_one_s3_resource_serves_dagster_code_and_the_stores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dagster-aws's S3Resource is the ``s3`` resource, and the stores hold that same one."""
+    from dagster_aws.s3 import S3Resource
+
+    from cvops_dagster.definitions import build_definitions
+
+    monkeypatch.setenv("CVOPS_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("CVOPS_ARTIFACT_ROOT", "s3://cvops/artifacts")
+    resources = build_definitions().resources
+    s3 = resources["s3"]
+    assert isinstance(s3, S3Resource)
+    assert resources["artifact_store"].s3 is s3 and resources["image_source"].s3 is s3
+    with build_resources({"s3": s3, "artifact_store": resources["artifact_store"]}) as bound:
+        # As an op sees them: the boto3 client from ``s3``, the s3fs filesystem of the store.
+        assert bound.s3.meta.endpoint_url == "http://127.0.0.1:9"
+        assert bound.artifact_store.storage.fs.endpoint_url == "http://127.0.0.1:9"
+    monkeypatch.delenv("CVOPS_S3_ENDPOINT_URL")
+    assert build_definitions().resources["s3"].endpoint_url is None

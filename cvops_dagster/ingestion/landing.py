@@ -18,6 +18,7 @@ import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 from cvops_dagster.core.storage import open_filesystem, split_protocol
@@ -143,10 +144,10 @@ def classify(
 class LandingZone:
     """Read access to a landing zone root (local folder or ``s3://bucket/prefix``)."""
 
-    def __init__(self, root: str, endpoint_url: str | None = None) -> None:
+    def __init__(self, root: str, endpoint_url: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
         self.root = root
         self.protocol, self._base = split_protocol(root)
-        self.fs = open_filesystem(self.protocol, endpoint_url)
+        self.fs = open_filesystem(self.protocol, endpoint_url, **(storage_options or {}))
 
     @property
     def is_local(self) -> bool:

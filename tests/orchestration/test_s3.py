@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import boto3
 import pytest
 from dagster import instance_for_test, materialize
+from dagster_aws.s3 import S3Resource
 from PIL import Image
 
 from assets.ingestion import raw_images
@@ -87,8 +88,8 @@ def test_raw_images_from_s3_landing_to_s3_artifacts(endpoint: str) -> None:
             instance=instance,
             partition_key="b1",
             resources={
-                "image_source": ImageSource(root="s3://landing/in", s3_endpoint_url=endpoint),
-                "artifact_store": ArtifactStore(root="s3://cvops/art", s3_endpoint_url=endpoint),
+                "image_source": ImageSource(root="s3://landing/in", s3=S3Resource(endpoint_url=endpoint)),
+                "artifact_store": ArtifactStore(root="s3://cvops/art", s3=S3Resource(endpoint_url=endpoint)),
             },
         )
         assert result.success
@@ -110,3 +111,60 @@ def test_listing_sees_objects_written_by_another_client_after_an_earlier_listing
     other.put_object(Bucket="cvops", Key="fresh-listing/images/b.png", Body=b"b")
     other.delete_object(Bucket="cvops", Key="fresh-listing/images/a.png")
     assert store.list("images") == ["images/b.png"]
+
+
+def _client_settings(client: object) -> dict[str, object]:
+    """What a botocore (or aiobotocore) S3 client reaches S3 with."""
+    meta = client.meta  # type: ignore[attr-defined]
+    credentials = client._request_signer._credentials  # type: ignore[attr-defined]
+    return {
+        "endpoint": meta.endpoint_url,
+        "region": meta.region_name,
+        "retries": meta.config.retries,
+        "access_key": credentials.access_key,
+        "secret_key": credentials.secret_key,
+        "token": credentials.token,
+    }
+
+
+def test_the_stores_reach_s3_exactly_as_dagster_aws_s3_resource_does() -> None:
+    """One configuration: the s3fs client behind the stores equals S3Resource.get_client()."""
+    import s3fs
+
+    s3 = S3Resource(
+        endpoint_url="http://127.0.0.1:9",
+        region_name="eu-west-3",
+        aws_access_key_id="AKID-RESOURCE",
+        aws_secret_access_key="secret-resource",
+        aws_session_token="token-resource",
+        max_attempts=7,
+    )
+    store = ArtifactStore(root="s3://cvops/one-config", s3=s3).storage.fs
+    zone = ImageSource(root="s3://landing/one-config", s3=s3).landing().fs
+    boto = _client_settings(s3.get_client())
+    assert boto["endpoint"] == "http://127.0.0.1:9" and boto["access_key"] == "AKID-RESOURCE"
+    for fs in (store, zone):
+        assert isinstance(fs, s3fs.S3FileSystem)
+        fs.connect()
+        assert _client_settings(fs.s3) == boto
+
+
+def test_the_s3_resource_endpoint_is_the_one_used(endpoint: str, tmp_path: object) -> None:
+    """Objects written by the artifact store are those the S3 resource's boto3 client lists, and
+    a resource naming a dead endpoint fails the store: it is not read from anywhere else."""
+    store = ArtifactStore(root="s3://cvops/via-resource", s3=S3Resource(endpoint_url=endpoint))
+    store.write("a/b.bin", b"payload")
+    listed = S3Resource(endpoint_url=endpoint).get_client().list_objects_v2(Bucket="cvops", Prefix="via-resource/")
+    assert [o["Key"] for o in listed["Contents"]] == ["via-resource/a/b.bin"]
+    dead = ArtifactStore(root="s3://cvops/via-resource", s3=S3Resource(endpoint_url="http://127.0.0.1:9", max_attempts=1))
+    with pytest.raises(Exception):
+        dead.read("a/b.bin")
+
+
+def test_local_roots_ignore_the_s3_resource(tmp_path: object) -> None:
+    from pathlib import Path
+
+    root = Path(str(tmp_path)) / "artifacts"
+    store = ArtifactStore(root=str(root), s3=S3Resource(endpoint_url="http://127.0.0.1:9"))
+    store.write("k.bin", b"x")
+    assert (root / "k.bin").read_bytes() == b"x"
