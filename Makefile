@@ -33,8 +33,10 @@ demo: install
 # sudo); otherwise those tests skip and say why:
 # - chromium: the browser tests (the Dagster UI tour, the FiftyOne App) drive Debian's Chromium
 #   with Playwright (Playwright's own browser download needs the network);
-# - postgresql: the scale-out instance test starts a real PostgreSQL server (initdb + pg_ctl).
-SYSTEM_PACKAGES := $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
+# - postgresql: the scale-out tests start a real PostgreSQL server (initdb + pg_ctl);
+# - redis-server: the scale-out lifecycle test starts Redis, the Celery workers' broker.
+SYSTEM_PACKAGES := $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) \
+	$(if $(wildcard /usr/bin/redis-server),,redis-server)
 
 system-deps:
 	@pkgs="$(strip $(SYSTEM_PACKAGES))"; \

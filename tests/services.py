@@ -4,6 +4,8 @@
   temporary folder (Debian's server binaries: ``/usr/lib/postgresql/<version>/bin``).
 - the ``s3_endpoint`` fixture: moto's S3 server (:func:`tests.s3server.s3_server`) with test
   credentials in the environment.
+- :func:`redis_server` / the ``redis`` fixture: a Redis server of its own (Debian's
+  ``redis-server``), in memory only, the Celery workers' broker.
 
 A test module uses a fixture by importing it (``from tests.services import postgres``).
 """
@@ -27,6 +29,9 @@ from tests.s3server import free_port, s3_server
 
 #: Credentials moto accepts; set in the environment while ``s3_endpoint`` runs.
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+#: Seconds a server (Redis) may take to answer after it was started.
+REDIS_START_TIMEOUT_S = 30
 
 #: PostgreSQL refuses to run as root: as root the server runs as this system user.
 POSTGRES_OS_USER = "postgres"
@@ -182,6 +187,16 @@ def postgres_server() -> Iterator[PostgresServer]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL if ``process`` is still there after ``timeout_s``; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the module's tests (each creates its own database); skipped,
@@ -203,3 +218,77 @@ def s3_endpoint() -> Iterator[str]:
             patch.setenv(name, value)
         with s3_server(("cvops",)) as endpoint:
             yield endpoint
+
+
+class RedisNotFound(RuntimeError):
+    """No ``redis-server`` binary on this machine."""
+
+
+def redis_server_binary() -> Path:
+    """Debian's ``/usr/bin/redis-server``, else ``redis-server`` on PATH.
+
+    Raises:
+        RedisNotFound: none found, saying where it looked.
+    """
+    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise RedisNotFound("looked for /usr/bin/redis-server and redis-server on PATH")
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Start a Redis server on 127.0.0.1 on a free port, in memory only (no RDB snapshot, no
+    append-only file), its working folder a temporary one; yield its URL (database 0); stop it
+    and remove the folder afterwards.
+
+    Raises:
+        RedisNotFound: no server binary on this machine.
+        RuntimeError: it did not answer PING within :data:`REDIS_START_TIMEOUT_S` (its log shown).
+    """
+    import time
+
+    import redis
+
+    binary = redis_server_binary()
+    folder = Path(tempfile.mkdtemp(prefix="cvops-redis-"))
+    port = free_port()
+    log = folder / "server.log"
+    command = [
+        str(binary), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--save", "",
+        "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes", "--logfile", str(log),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                detail = log.read_text(errors="replace") if log.exists() else process.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
+                raise RuntimeError(f"redis-server did not answer on {url} (exit {process.poll()}):\n{detail}")
+            time.sleep(0.1)
+        client.close()
+        yield url
+    finally:
+        stop_process(process, timeout_s=10)
+        if process.stderr is not None:
+            process.stderr.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[str]:
+    """A Redis server for the module's tests; yields its URL. Skipped, saying why, only where the
+    machine has no ``redis-server`` binary."""
+    try:
+        redis_server_binary()
+    except RedisNotFound as error:
+        pytest.skip(f"no redis-server binary on this machine (Debian: apt-get install redis-server): {error}")
+    with redis_server() as url:
+        yield url

@@ -224,3 +224,27 @@ def test_ui_warns_when_it_would_listen_beyond_this_machine(host: str, warned: bo
     assert (warning is not None) == warned
     if warned:
         assert "no authentication" in warning and host in warning
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "CVOPS_EXECUTOR=celery"),
+        ({"CVOPS_EXECUTOR": "celery"}, "CVOPS_CELERY_BROKER"),
+        ({"CVOPS_EXECUTOR": "celery", "CVOPS_K8S_EXECUTOR": "1", "CVOPS_CELERY_BROKER": "redis://127.0.0.1:1/0"}, "two executors"),
+    ],
+)
+def test_worker_without_the_celery_settings_fails_clearly(tmp_path: Path, env: dict[str, str], named: str) -> None:
+    """`cvops worker` checks its settings before it starts anything (the worker itself runs for
+    real in tests/e2e/test_scale_out_lifecycle.py)."""
+    result = cvops("worker", cwd=tmp_path, env=env, check=False)
+    assert result.returncode == 1
+    assert named in result.stderr and "cvops: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing created: no instance, no folder
+
+
+def test_help_lists_the_worker() -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    help_text = commands["worker"].format_help()
+    assert "CVOPS_CELERY_BROKER" in help_text and "--queue" in help_text and "solo" in help_text

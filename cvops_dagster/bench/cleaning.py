@@ -107,8 +107,8 @@ def _photo_sources() -> dict[str, np.ndarray]:
     return {name: getattr(skimage.data, name)() for name in PHOTO_SOURCES}
 
 
-def _photo(index: int, seed: int) -> tuple[str, Image.Image, str, str, dict[str, Any]]:
-    """Photo ``index``: a random crop of a random source, rescaled to 256-512 px a side, in one of
+def _photo(index: int, seed: int, side: tuple[int, int] = PHOTO_SIDE) -> tuple[str, Image.Image, str, str, dict[str, Any]]:
+    """Photo ``index``: a random crop of a random source, rescaled to ``side`` px a side (256-512), in one of
     the eight orientations (flips and their compositions), saved as PNG or JPEG; a function of
     ``(seed, index)`` alone, so any split of the indices between processes gives the same files.
     Crops of 50-100% of the source's short side, turned, make <1% near duplicates of 6,600
@@ -116,7 +116,7 @@ def _photo(index: int, seed: int) -> tuple[str, Image.Image, str, str, dict[str,
     rng = np.random.default_rng([seed, index])
     name = PHOTO_SOURCES[int(rng.integers(len(PHOTO_SOURCES)))]
     source = _photo_sources()[name]
-    height, width = (int(side) for side in rng.integers(PHOTO_SIDE[0], PHOTO_SIDE[1] + 1, size=2))
+    height, width = (int(length) for length in rng.integers(side[0], side[1] + 1, size=2))
     scale = rng.uniform(0.5, 1.0) * min(source.shape[:2]) / max(height, width)  # source px per output px
     crop_h, crop_w = min(source.shape[0], round(height * scale)), min(source.shape[1], round(width * scale))
     top, left = int(rng.integers(source.shape[0] - crop_h + 1)), int(rng.integers(source.shape[1] - crop_w + 1))
@@ -131,10 +131,10 @@ def _photo(index: int, seed: int) -> tuple[str, Image.Image, str, str, dict[str,
     return name, image, "jpg", "JPEG", {"quality": int(rng.integers(75, 96))}
 
 
-def _write_photos(folder: str, indices: Iterable[int], seed: int) -> list[tuple[str, str]]:
+def _write_photos(folder: str, indices: Iterable[int], seed: int, side: tuple[int, int] = PHOTO_SIDE) -> list[tuple[str, str]]:
     written = []
     for index in indices:
-        label, image, ext, fmt, params = _photo(index, seed)
+        label, image, ext, fmt, params = _photo(index, seed, side)
         path = Path(folder) / label / f"photo_{index:05d}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, fmt, **params)
@@ -142,7 +142,9 @@ def _write_photos(folder: str, indices: Iterable[int], seed: int) -> list[tuple[
     return written
 
 
-def build_photo_files(folder: Path | str, start: int, stop: int, seed: int = 0, jobs: int = 1) -> list[tuple[Path, str]]:
+def build_photo_files(
+    folder: Path | str, start: int, stop: int, seed: int = 0, jobs: int = 1, side: Sequence[int] = PHOTO_SIDE
+) -> list[tuple[Path, str]]:
     """Write photos ``start`` to ``stop - 1`` as an ImageFolder (label: the source photo's name).
 
     Args:
@@ -150,17 +152,19 @@ def build_photo_files(folder: Path | str, start: int, stop: int, seed: int = 0, 
         start, stop: the photo indices (the same index always gives the same file).
         seed: the generator's seed.
         jobs: processes writing them.
+        side: the smallest and largest side in px (``cvops bench scale`` makes small ones).
 
     Returns:
         ``(path, label)`` per file, in index order.
     """
+    sides = (int(side[0]), int(side[1]))
     chunks = [range(i, min(i + 64, stop)) for i in range(start, stop, 64)]
     _photo_sources()  # loaded once, before forking, so the writers share them
     if jobs <= 1 or len(chunks) <= 1:
-        written = [w for chunk in chunks for w in _write_photos(str(folder), chunk, seed)]
+        written = [w for chunk in chunks for w in _write_photos(str(folder), chunk, seed, sides)]
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = pool.map(_write_photos, [str(folder)] * len(chunks), chunks, [seed] * len(chunks))
+            parts = pool.map(_write_photos, [str(folder)] * len(chunks), chunks, [seed] * len(chunks), [sides] * len(chunks))
             written = [w for part in parts for w in part]
     return [(Path(path), label) for path, label in written]
 
@@ -184,18 +188,21 @@ def _ingest(landing_root: Path, storage: ArtifactStorage, batches: Sequence[str]
     return read_raw_manifests(storage, batch_ids=list(batches))
 
 
-def _copy_storage(source: ArtifactStorage, root: Path, everything: bool = False) -> ArtifactStorage:
+def _copy_storage(
+    source: ArtifactStorage, root: Path, everything: bool = False, linked: Sequence[str] = (IMAGES_PREFIX,)
+) -> ArtifactStorage:
     """A new storage at ``root`` holding what ingestion wrote to ``source`` (or all it holds).
 
-    Raw images are hard-linked: they are content-addressed and written once by renaming a
+    The files under ``linked`` prefixes (raw images; ``cvops bench scale`` adds the canonical
+    PNGs) are hard-linked: they are content-addressed and written once by renaming a
     temporary file over the key, never in place, so a run in the copy cannot change them,
     and linking 18k files takes a fraction of a second. Everything else (outputs, the decode
     cache) is copied, whatever way its writer updates it.
     """
-    images = Path(source.root) / IMAGES_PREFIX
+    shared = [Path(source.root) / prefix for prefix in linked]
 
     def link_or_copy(src: str, dst: str) -> None:
-        os.link(src, dst) if Path(src).is_relative_to(images) else shutil.copy2(src, dst)
+        os.link(src, dst) if any(Path(src).is_relative_to(p) for p in shared) else shutil.copy2(src, dst)
 
     for prefix in ("",) if everything else (IMAGES_PREFIX, RAW_MANIFEST_PREFIX):
         if (Path(source.root) / prefix).exists():

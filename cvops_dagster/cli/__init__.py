@@ -1,11 +1,11 @@
-"""The ``cvops`` command line: seed, run, status, demo, ui, watch, review, predict, rollback and the benchmarks.
+"""The ``cvops`` command line: seed, run, status, demo, ui, watch, worker, review, predict, rollback and the benchmarks.
 
 Every command works from any folder of the project: the project is ``$CVOPS_HOME``, else the
 nearest folder upwards holding a ``workspace.yaml`` that loads ``cvops_dagster.definitions``; the
 Dagster instance (``<project>/.dagster_home``), the landing zone and the artifact root default
 to folders of it (see :mod:`cvops_dagster.core.settings`), so what a command materializes shows
 in the Dagster UI. This module holds the parser and the entry point; the commands live beside
-it (``runs``, ``status``, ``commands``).
+it (``runs``, ``status``, ``commands``, ``worker``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from cvops_dagster.cli.demo import cmd_demo
 from cvops_dagster.cli.common import CvopsError, apply_overrides, instance_only
 from cvops_dagster.cli.runs import cmd_rollback, cmd_run, install_stop_handlers
 from cvops_dagster.cli.status import cmd_status, collect_status
+from cvops_dagster.cli.worker import cmd_worker
 from cvops_dagster.core import settings
 
 __all__ = ["build_parser", "collect_status", "main"]
@@ -134,6 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser(
+        "worker",
+        help="a Celery worker that executes the steps of runs (CVOPS_EXECUTOR=celery), one at a time, "
+        "until Ctrl-C or SIGTERM, which stop it within 15 s",
+        description="With CVOPS_EXECUTOR=celery, runs send each step to the Celery broker (CVOPS_CELERY_BROKER; results "
+        "through CVOPS_CELERY_BACKEND, default the broker); this worker takes steps from it and executes them against "
+        "the run's Dagster instance, one at a time in its own process (Celery's solo pool: a step may start processes "
+        "of its own, as hpo_study's hpo_workers do). Start one per step to run at once, on any machine with the same "
+        "environment as `cvops run` (the instance of deploy/dagster.yaml, an s3:// artifact root, CVOPS_OPTUNA_STORAGE "
+        "on a database): nothing is shared through a local folder. A step it was running when stopped fails its run "
+        "with the reason.",
+    )
+    add_roots(p)
+    p.add_argument("--name", metavar="NAME", help="the worker's name, NAME@<host> (default cvops-<random>)")
+    p.add_argument(
+        "--queue",
+        action="append",
+        metavar="QUEUE",
+        help="a queue to take steps from, repeatable (default: dagster, where the executor sends every step "
+        "without a dagster-celery/queue tag)",
+    )
+    p.add_argument("--loglevel", default="INFO", metavar="LEVEL", help="Celery's log level (default INFO: one line per step received and done)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
         "review",
         help="the FiftyOne App on the review dataset (or one of its saved views) on 127.0.0.1, headless, "
         "until Ctrl-C or SIGTERM",
@@ -150,27 +175,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_artifacts(p)
     p.add_argument(
         "name",
-        choices=["cleaning", "training", "runtime", "monitoring", "drift", "review", "hpo"],
-        help="cleaning, training, monitoring, drift, review and hpo: on data generated in a temporary folder (monitoring and "
+        choices=["cleaning", "training", "runtime", "monitoring", "drift", "review", "hpo", "scale"],
+        help="cleaning, training, monitoring, drift, review, hpo and scale: on data generated in a temporary folder (monitoring and "
         "drift train a small model on the bundled digits first; review writes FiftyOne datasets, in a temporary "
         "database unless one is in use, and deletes them; hpo runs a 16-trial study with 1 and 2 workers on colour "
-        "photo patches); runtime: the production runtime under the artifact root",
+        "photo patches; scale adds one batch to datasets of growing size); runtime: the production runtime under the artifact root",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object of the measured figures")
-    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring: the same (default 2); review: the same (default 3)")
-    p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat)")
+    p.add_argument("--repeats", type=int, help="cleaning: timed repeats, the best is kept (default 3); monitoring: the same (default 2); review: the same (default 3); scale: adds per size (default 3)")
+    p.add_argument("--quick", action="store_true", help="cleaning: a small run (200 digits; 660 photos: 300 large, 600 + 60 incremental; 1 repeat); scale: 60 images added to 300 and 1,200")
     p.add_argument("--sets", type=lambda v: tuple(v.split(",")), help="cleaning: some of sample,tenx,large,incremental")
     p.add_argument("--digits", type=int, help="cleaning: digits in the sample and tenx sets (default all 1,797)")
     p.add_argument("--large-count", type=int, help="cleaning: photos in the large set (default 2,000)")
     p.add_argument("--incremental-base", type=int, help="cleaning: photos already cleaned (default 6,000)")
     p.add_argument("--incremental-new", type=int, help="cleaning: photos in the new batch (default 600)")
     p.add_argument(
+        "--scale-sizes", type=lambda v: tuple(int(n) for n in v.split(",")),
+        help="scale: dataset sizes the batch is added to, comma-separated (default 6000,60000,120000)",
+    )  # fmt: skip
+    p.add_argument("--scale-new", type=int, help="scale: images in the added batch (default 600)")
+    p.add_argument("--scale-base-batch", type=int, help="scale: images per batch of the base datasets (default 6,000)")
+    p.add_argument(
         "--allow-synthetic",
         action="store_true",
         help="runtime: without a production model, time a generated model of the default architecture",
     )
     p.add_argument("--images", type=int, help="monitoring: PNG files in the production batch; review: production images in the review dataset (default 5,000)")
-    p.add_argument("--workers", type=int, help="monitoring: decode worker processes (default: the available cores); hpo: worker processes of the parallel study (default 2)")
+    p.add_argument("--workers", type=int, help="monitoring and scale: decode worker processes (default: the available cores); hpo: worker processes of the parallel study (default 2)")
     p.add_argument("--batches", type=int, help="drift: resampled batches per condition and size (default 100)")
     p.add_argument(
         "--sizes", type=lambda v: tuple(int(n) for n in v.split(",")), help="drift: batch sizes, comma-separated (default 100,500)"
@@ -217,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose and args.command in ("run", "demo", "bench"):
-        _quiet_libraries(trains=args.command != "bench" or args.name not in ("cleaning", "review"))
+        _quiet_libraries(trains=args.command != "bench" or args.name not in ("cleaning", "review", "scale"))
     try:
         args.roots = apply_overrides(args)  # resolved once, before the environment is exported
         if args.command in ("run", "demo", "rollback"):

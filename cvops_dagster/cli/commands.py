@@ -149,6 +149,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         given = {"workers": args.workers, "threads": args.threads}
         figures = bench_hpo(**{k: v for k, v in given.items() if v is not None})
+    elif args.name == "scale":
+        from cvops_dagster.bench.scale import QUICK, bench_scale
+
+        given = {"sizes": args.scale_sizes, "new": args.scale_new, "base_batch": args.scale_base_batch,
+                 "repeats": args.repeats, "workers": args.workers}  # fmt: skip
+        figures = bench_scale(**{**(QUICK if args.quick else {}), **{k: v for k, v in given.items() if v is not None}})
     else:
         from cvops_dagster.bench.runtime import benchmark_production_runtime
 

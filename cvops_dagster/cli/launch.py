@@ -12,7 +12,9 @@ location ``workspace.yaml`` names), with its origin. Then:
   this command follows its events;
 * else this process **executes the run itself**, as a run worker does (``dagster api
   execute_run``), with the in-process executor: one process, one set of imports, and pool
-  slots claimed by each step as in any run.
+  slots claimed by each step as in any run. When the deployment names a step executor
+  (``CVOPS_EXECUTOR=celery``: :mod:`resources.deployment`), this process is the run worker
+  and the steps go where that executor sends them (the Celery workers, ``cvops worker``).
 
 Either way ``cvops`` streams the run's progress and returns its final status.
 """
@@ -40,8 +42,19 @@ REPOSITORY_NAME = "__repository__"
 DAEMON_STALE_S = 90.0
 #: Run config that picks the in-process executor for a run this process executes.
 IN_PROCESS_EXECUTION = {"execution": {"config": {"in_process": {}}}}
+
 #: Seconds between looks at a run another process executes.
 FOLLOW_POLL_S = 1.0
+
+
+def execution_config() -> dict[str, Any]:
+    """Run config for the executor of a run this process executes: the in-process executor
+    under Dagster's default one; nothing when the deployment names a step executor
+    (``CVOPS_EXECUTOR``, :func:`resources.deployment.selected_executor`), whose config is
+    complete in the code location and whose steps run elsewhere."""
+    from resources.deployment import selected_executor
+
+    return {} if selected_executor() else dict(IN_PROCESS_EXECUTION)
 
 
 def project_directory() -> str:

@@ -144,9 +144,9 @@ def _launch(
 ) -> Any:
     """Create one run through the code location, execute it (here, or via the daemon's queue
     when ``queued``) with progress shown, and return the finished run."""
-    from cvops_dagster.cli.launch import IN_PROCESS_EXECUTION
+    from cvops_dagster.cli.launch import execution_config
 
-    config = {**_QUIET_LOGS, **run_config} if queued else {**_QUIET_LOGS, **IN_PROCESS_EXECUTION, **run_config}
+    config = {**_QUIET_LOGS, **run_config} if queued else {**_QUIET_LOGS, **execution_config(), **run_config}
     _check_stop()
     with _Progress(launcher.instance, label, owned=not queued) as progress:
         run = launcher.create_run(job_name, run_config=config, tags={**(extra_tags or {}), **progress.tags}, **selection)

@@ -18,6 +18,7 @@ before (``converted_sha``, from the decode cache) is in the storage.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,9 +129,20 @@ def publish_canonical(
     return published
 
 
+#: Above this many names, one listing of the folder is cheaper than a stat per name: a stat
+#: from Python costs ~6 us, a listed entry ~1 us, and the folder holds the canonical PNGs of
+#: the images cleaned here, rarely more than a few times the clean images of one dataset.
+LIST_OVER = 2000
+
+
 def _available(storage: ArtifactStorage, out_dir: Path, shas: list[str | None]) -> set[str]:
     """The shas whose canonical PNG exists, written by this run's workers or published before."""
-    found = {sha for sha in shas if sha and (out_dir / f"{sha}.png").exists()}
+    wanted = {sha for sha in shas if sha}
+    if len(wanted) > LIST_OVER and out_dir.is_dir():
+        with os.scandir(out_dir) as entries:
+            found = wanted & {entry.name[: -len(".png")] for entry in entries if entry.name.endswith(".png")}
+    else:
+        found = {sha for sha in wanted if (out_dir / f"{sha}.png").exists()}
     rest = [sha for sha in shas if sha and sha not in found]
     if rest and not storage.is_local:  # one listing instead of a request per file
         stored = set(storage.list(CANONICAL_PREFIX))

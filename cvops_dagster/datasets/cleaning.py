@@ -283,16 +283,20 @@ def _text(value: Any) -> str | None:
 
 def _distinct_keys(records: pd.DataFrame) -> tuple[list[str], list[str | None]]:
     """The distinct raw keys (sorted) with each one's sample id; sets ``records["row"]``."""
-    present = records["raw_key"].notna()
-    keys = sorted(set(records.loc[present, "raw_key"]))
+    present = records["raw_key"].notna().to_numpy()
+    # Plain lists and one index lookup: per-value pandas calls cost ~5 us a record (0.6 s at 60k).
+    raw_keys = records["raw_key"].to_numpy(dtype=object)[present].tolist()
+    keys = sorted(set(raw_keys))
     bad = next((key for key in keys if not is_valid_key(key)), None)
     if bad is not None:  # refused before anything is read: it could reach outside the storage
         raise ValueError(f"invalid artifact key {bad!r}")
-    row_of = {key: row for row, key in enumerate(keys)}
-    records["row"] = records["raw_key"].map(row_of).fillna(-1).astype(np.int64)
-    first = records.loc[present].drop_duplicates("raw_key").set_index("raw_key")["sample_id"]
-    samples = {key: sample_id if is_sample_id(sample_id) else None for key, sample_id in first.items()}
-    return keys, [samples[key] for key in keys]
+    rows = np.full(len(records), -1, dtype=np.int64)
+    rows[present] = pd.Index(keys, dtype=object).get_indexer(raw_keys)
+    records["row"] = rows
+    first: dict[str, Any] = {}  # each key's sample id on its first record
+    for key, sample_id in zip(raw_keys, records["sample_id"].to_numpy(dtype=object)[present].tolist(), strict=True):
+        first.setdefault(key, sample_id)
+    return keys, [first[key] if is_sample_id(first[key]) else None for key in keys]
 
 
 def _publish(
@@ -365,7 +369,7 @@ def _write_dataset(
         outcome=outcomes.outcome, reason=outcomes.reason, reason_detail=outcomes.detail, alias_of=outcomes.alias_of,
         split=outcomes.split, image_key=image_key, raw_image_key=records["raw_key"], canonical_mode=canonical_mode,
         channels=channels, orig_width=facts["orig_width"], orig_height=facts["orig_height"],
-        phash=phash.map(lambda value: None if pd.isna(value) else f"{int(value):016x}"),
+        phash=_hex64(phash),
     )  # fmt: skip
     table = manifest_table(columns)
     manifest = table.to_pandas()
@@ -389,6 +393,16 @@ def _write_dataset(
     )  # fmt: skip
     result.__dict__["manifest"] = manifest  # the cached_property's value, made once already
     return result
+
+
+def _hex64(values: pd.Series) -> np.ndarray:
+    """Each 64-bit value as 16 lowercase hex digits (``f"{value:016x}"``), ``None`` where missing;
+    in one pass over the bytes (a format call per record was ~2 us)."""
+    missing = values.isna().to_numpy()
+    big_endian = values.to_numpy(dtype=np.uint64, na_value=0).astype(">u8")
+    text = np.frombuffer(big_endian.tobytes().hex().encode("ascii"), dtype="S16").astype(str).astype(object)
+    text[missing] = None
+    return text
 
 
 def _dataset_info(

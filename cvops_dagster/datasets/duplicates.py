@@ -20,6 +20,7 @@ none of the distinct digits and every one of those re-encodes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,24 +81,58 @@ def _candidate_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tu
     return code // n, code % n
 
 
+#: Bands up to this many bits are looked up in a table of every value (2**bits entries).
+_TABLE_BITS = 20
+#: Cost of one probe of one hash in one band, in units of one candidate pair checked (both a
+#: few numpy passes over an array; measured on this machine within a factor of two).
+_PROBE_COST = 1.0
+
+
+def _band_layout(n: int, threshold: int) -> tuple[int, int] | None:
+    """``(bands, radius)`` of the cheapest banded search of ``n`` distinct hashes, or ``None``
+    when the bands would be narrower than 8 bits (the plain comparison is then cheaper).
+
+    Two hashes within ``threshold`` bits differ in at most ``threshold // bands`` bits in
+    one of ``bands`` disjoint bands (pigeonhole): ``radius``. Radius 0 (``threshold + 1``
+    exact bands) needs no probing but its narrow bands make candidates that grow with the
+    square of ``n`` (pairs sharing a band value by chance: 2**-9 per band for 7 bands of 9
+    bits, so ~100 million at 120k hashes); radius 1 has half as many bands, twice as wide,
+    and probes each hash's band value with each bit flipped. The estimate is for hashes
+    spread evenly, which pHashes of distinct images nearly are.
+    """
+    best: tuple[float, int, int] | None = None
+    for radius in (0, 1):
+        bands = threshold // (radius + 1) + 1
+        widths = [len(range(band, 64, bands)) for band in range(bands)]
+        if min(widths) < 8 or (radius and max(widths) > _TABLE_BITS):
+            continue
+        probes = [sum(math.comb(width, bits) for bits in range(radius + 1)) for width in widths]
+        chance = sum(p / 2.0**w for p, w in zip(probes, widths, strict=True))
+        cost = n * (n - 1) / 2 * chance + _PROBE_COST * n * sum(probes)
+        if best is None or cost < best[0]:
+            best = (cost, bands, radius)
+    return None if best is None else best[1:]
+
+
 def _value_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """All pairs ``(i, j)``, ``i < j``, whose hashes differ in at most ``threshold`` bits.
 
     Pairs come sorted by ``(i, j)``. Uses the pigeonhole principle (multi-index hashing):
-    split the 64 bits into ``threshold + 1`` bands; two hashes within the threshold agree
-    exactly on at least one band, so only hashes sharing a band value are compared. That is
-    near-linear instead of quadratic; when bands are too narrow or too crowded to help it
-    falls back to comparing every pair. Bands interleave the bits (band ``k`` holds bits
-    ``k, k + bands, ...``): the lowest DCT coefficients agree most often between similar
-    images, and contiguous bands put them all in one crowded band (measured on the digits:
-    half the candidate pairs of contiguous bands).
+    split the 64 bits into bands (see :func:`_band_layout`); two hashes within the threshold
+    are within ``radius`` bits on at least one band, so only hashes whose band values are
+    that close are compared. That is near-linear instead of quadratic; when bands are too
+    narrow or too crowded to help it falls back to comparing every pair. Bands interleave
+    the bits (band ``k`` holds bits ``k, k + bands, ...``): the lowest DCT coefficients
+    agree most often between similar images, and contiguous bands put them all in one
+    crowded band (measured on the digits: half the candidate pairs of contiguous bands).
     """
     phash = np.asarray(phash, dtype=np.uint64)
     n = len(phash)
     if n < 2 or threshold < 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    bands = threshold + 1
-    if 64 // bands >= 8:
+    layout = _band_layout(n, threshold)
+    if layout is not None:
+        bands, radius = layout
         bits = np.unpackbits(phash.astype("<u8").view(np.uint8).reshape(n, 8), axis=1, bitorder="little")
         firsts, seconds = [], []
         total = 0
@@ -111,20 +146,31 @@ def _value_pairs(phash: np.ndarray, threshold: int, block: int = 1024) -> tuple[
             starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
             ends = np.r_[starts[1:], n]
             run_end = np.repeat(ends, ends - starts)
-            counts = run_end - np.arange(n) - 1  # later members of the same run
-            pairs = int(counts.sum())
-            total += pairs
-            if total > n * (n - 1) // 4:  # crowded bands: the plain comparison is cheaper
-                break
-            if not pairs:
+            # Equal band values: each hash with the later members of its run.
+            matches = [(order, np.arange(1, n + 1), run_end - np.arange(n) - 1)]
+            if radius:  # band values one bit apart: looked up in a table of every value
+                tallies = np.bincount(values.astype(np.intp), minlength=1 << len(range(band, 64, bands)))
+                first_at = np.cumsum(tallies) - tallies
+                for bit in range(len(range(band, 64, bands))):
+                    target = (values ^ np.uint64(1 << bit)).astype(np.intp)
+                    matches.append((np.arange(n), first_at[target], tallies[target]))
+            for source, at, counts in matches:
+                pairs = int(counts.sum())
+                total += pairs
+                if total > n * (n - 1) // 4:  # crowded bands: the plain comparison is cheaper
+                    break
+                if not pairs:
+                    continue
+                # `source[k]` meets the `counts[k]` hashes at `order[at[k]:at[k] + counts[k]]`.
+                offsets = np.repeat(at - np.cumsum(counts) + counts, counts) + np.arange(pairs)
+                a, b = np.repeat(source, counts), order[offsets]
+                close = np.bitwise_count(phash[a] ^ phash[b]) <= threshold  # few survive: keep only them
+                a, b = a[close], b[close]
+                firsts.append(np.minimum(a, b))
+                seconds.append(np.maximum(a, b))
+            else:
                 continue
-            first = np.repeat(np.arange(n), counts)
-            step = np.arange(pairs) - np.repeat(np.cumsum(counts) - counts, counts)
-            a, b = order[first], order[first + 1 + step]
-            close = np.bitwise_count(phash[a] ^ phash[b]) <= threshold  # few survive: keep only them
-            a, b = a[close], b[close]
-            firsts.append(np.minimum(a, b))
-            seconds.append(np.maximum(a, b))
+            break
         else:
             if not firsts:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)

@@ -92,5 +92,9 @@ def dataset_version(rows: Iterable[tuple[str, ...]], context: str = "") -> str:
         The version string: equal contents give equal versions, whatever the row order.
     """
     # One update of the joined rows: the same bytes as a row at a time, without a call each.
-    text = "".join(["\t".join(map(str, row)) + "\n" for row in sorted(rows)])
+    ordered = sorted(rows)
+    try:  # text fields, as cleaning gives them, join as they are: a str() per field is ~40% of the time
+        text = "".join(["\t".join(row) + "\n" for row in ordered])
+    except TypeError:
+        text = "".join(["\t".join(map(str, row)) + "\n" for row in ordered])
     return hashlib.sha256((context + text).encode()).hexdigest()[:16]

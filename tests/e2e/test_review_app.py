@@ -39,6 +39,7 @@ import psutil
 import pytest
 
 from tests.e2e.browser import REQUIRE_BROWSER_ENV, chromium_page, free_port, missing_browser_reason
+from tests.services import stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -162,12 +163,7 @@ def review_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReviewDataba
         assert result.stdout.split()[-2:] == [str(SAMPLES), "edge_cases,likely_mislabeled"], result.stdout
         yield ReviewDatabase(folder, mongod, env)
     finally:
-        mongod.terminate()
-        try:
-            mongod.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            mongod.kill()
-            mongod.wait(timeout=10)
+        stop_process(mongod, timeout_s=20)
 
 
 def cvops_review(*args: str, env: dict[str, str], cwd: Path, timeout_s: float = 120) -> subprocess.CompletedProcess:

@@ -129,3 +129,34 @@ def test_candidate_pairs_with_repeated_hashes_equal_the_exhaustive_comparison(di
     found_i, found_j = _candidate_pairs(hashes, threshold)
     np.testing.assert_array_equal(found_i, expected_i)
     np.testing.assert_array_equal(found_j, expected_j)
+
+
+def test_large_sets_are_searched_with_wider_bands_one_bit_apart() -> None:
+    """Seven exact bands of 9 bits pair ~1/73 of all hashes by chance (~100 million pairs at
+    120k images); four bands of 16 bits probed one bit apart find the same pairs from far fewer."""
+    from cvops_dagster.datasets.duplicates import _band_layout
+
+    assert _band_layout(1_000, 6) == (7, 0)
+    assert _band_layout(120_000, 6) == (4, 1)
+    assert _band_layout(120_000, 0) == (1, 0)
+    assert _band_layout(120_000, 16) is None  # bands under 8 bits: the plain comparison
+
+
+@pytest.mark.parametrize("threshold", [6, 7, 12])
+def test_one_bit_probing_equals_the_exhaustive_comparison(threshold: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvops_dagster.datasets import duplicates
+
+    monkeypatch.setattr(duplicates, "_band_layout", lambda n, t: (t // 2 + 1, 1))
+    rng = np.random.default_rng(threshold)
+    centres = rng.integers(0, 2**63, 60, dtype=np.uint64)
+    hashes = centres[rng.integers(0, 60, 500)]
+    for _ in range(5):  # up to five flipped bits: pairs at every distance around the threshold
+        hashes = hashes ^ (np.uint64(1) << rng.integers(0, 64, 500).astype(np.uint64))
+    hashes = np.unique(hashes)  # distinct values, as _candidate_pairs passes them
+    rng.shuffle(hashes)
+    close = np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= threshold
+    expected_i, expected_j = np.nonzero(np.triu(close, 1))
+    found_i, found_j = duplicates._value_pairs(hashes, threshold)
+    assert len(expected_i) > 50
+    np.testing.assert_array_equal(found_i, expected_i)
+    np.testing.assert_array_equal(found_j, expected_j)
