@@ -126,8 +126,16 @@ def test_sigterm_stops_cvops_run(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         raise AssertionError(f"cvops run ignored SIGTERM:\n{log.read_text()}") from None
-    # Dagster handled the signal inside the run (and failed it); cvops saw it too and stopped
-    # as interrupted instead of reporting a failed run or starting the next one.
-    assert code == 130, log.read_text()
-    assert "cvops: interrupted" in log.read_text()
-    assert not any(status == "STARTED" for _, status in _runs(tmp_path)), _runs(tmp_path)
+    runs = _runs(tmp_path)
+    if code == 130:
+        # Dagster handled the signal inside the run (and failed it); cvops saw it too and
+        # stopped as interrupted instead of reporting a failed run or starting the next one.
+        assert "cvops: interrupted" in log.read_text()
+    else:
+        # Dagster's interrupt is raised from its signal handler in whatever the main thread is
+        # running; when that is a garbage-collector callback, CPython prints "Exception ignored"
+        # and drops it (seen under load, right as hpo_study starts). cvops saw the signal all
+        # the same: after the grace period it cancels its run, frees its slots and exits 143.
+        assert code == 128 + signal.SIGTERM, log.read_text()
+        assert ("lifecycle_job", "CANCELED") in runs, (runs, log.read_text())
+    assert not any(status == "STARTED" for _, status in runs), runs
