@@ -66,8 +66,10 @@ def tick(instance: DagsterInstance, landing: Path, cursor: str | None, served: b
     if served and not storage.exists(SERVING_KEY):
         serve(storage, "m-served")
     resources = {"image_source": ImageSource(root=str(landing)), "artifact_store": ArtifactStore(root=str(artifacts))}
-    context = build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-    result = production_batches_sensor(context)
+    # A context manager: the stores hold the `s3` resource, a nested resource Dagster sets up and
+    # tears down around the evaluation (as the daemon does).
+    with build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = production_batches_sensor(context)
     assert isinstance(result, SensorResult)
     return result
 
@@ -320,8 +322,9 @@ def skip(result: SensorResult) -> str:
 
 
 def retrain_tick(instance: DagsterInstance, artifacts: Path, cursor: str | None) -> SensorResult:
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={"artifact_store": ArtifactStore(root=str(artifacts))})
-    result = drift_retrain_sensor(context)
+    resources = {"artifact_store": ArtifactStore(root=str(artifacts))}
+    with build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = drift_retrain_sensor(context)
     assert isinstance(result, SensorResult)
     return result
 

@@ -23,10 +23,9 @@ def make_batch(root: Path, batch: str, ready: bool = True, files: int = 2) -> No
 
 
 def tick(instance, landing: Path, cursor: str | None):  # noqa: ANN001, ANN201
-    context = build_sensor_context(
-        instance=instance, cursor=cursor, resources={"image_source": ImageSource(root=str(landing))}
-    )
-    return image_batches_sensor(context)
+    # A context manager: ImageSource holds the `s3` resource, a nested resource (see test_production_sensors).
+    with build_sensor_context(instance=instance, cursor=cursor, resources={"image_source": ImageSource(root=str(landing))}) as context:
+        return image_batches_sensor(context)
 
 
 def test_new_batch_then_nothing_then_incomplete(tmp_path: Path) -> None:
