@@ -110,10 +110,13 @@ class Tour:
         for errors and the newsletter prompt; returns the page text."""
         started = time.monotonic()
         self.page.goto(self.base + route, wait_until="domcontentloaded")
-        self.wait(
-            f"{ready_text!r} never showed",
-            lambda: self.page.get_by_text(ready_text, exact=True).first.wait_for(state="visible", timeout=timeout_ms),
-        )
+        shown = lambda: self.page.get_by_text(ready_text, exact=True).first.wait_for(state="visible", timeout=timeout_ms)  # noqa: E731
+        try:
+            shown()
+        except Exception:  # noqa: BLE001 - one reload: drift_report's checks tab twice did not show
+            # its check within 30 s in CI pre-checks on a loaded machine, and passed in every other run
+            self.page.reload(wait_until="domcontentloaded")
+            self.wait(f"{ready_text!r} never showed (after one reload)", shown)
         try:
             self.page.wait_for_load_state("networkidle", timeout=15_000)
         except Exception:  # noqa: BLE001, S110 - the UI may keep polling: settling is best effort
