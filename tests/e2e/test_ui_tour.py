@@ -168,11 +168,19 @@ class Tour:
         return None, []
 
     def close_dialog(self) -> None:
+        """Escape, then the dialog's Close button if it is still open. Waiting for it to go
+        rather than counting it: a dialog still fading out after Escape was counted, and the
+        click then waited 30 s for a button that had gone."""
+        dialogs = self.page.locator("[role=dialog]")
         self.page.keyboard.press("Escape")
-        self.page.wait_for_timeout(300)
-        close = self.page.locator("[role=dialog]").get_by_role("button", name="Close")
+        try:
+            dialogs.last.wait_for(state="hidden", timeout=3_000)
+            return
+        except Exception:  # noqa: BLE001, S110 - Playwright's TimeoutError: still open, use Close
+            pass
+        close = dialogs.get_by_role("button", name="Close")
         if close.count():
-            close.first.click()
+            self.wait("the dialog's Close button", lambda: close.first.click(timeout=10_000))
 
 
 def raw_json_keys(rows: dict[str, str]) -> list[str]:
